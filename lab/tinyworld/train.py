@@ -1,0 +1,332 @@
+"""Train the embedded TinyWorld Stable Diffusion model from scratch.
+
+    sdlab tinyworld train --out runs/tinyworld          # all stages; re-run the same command to resume
+
+Stages, each checkpointed and skipped when already done:
+  1. data    render the training scenes (images + ground truth) once, to a cache
+  2. vae     train the AutoencoderKL on the images (L1 + MSE reconstruction, SD's tiny KL weight)
+  3. latents encode every image once; the latent scaling factor is 1 / std of the latents, as in SD
+  4. unet    train UNet + CLIP text encoder jointly on noised latents, epsilon prediction, Min-SNR-5
+             weighting, 10% caption dropout for classifier-free guidance, EMA of the weights.
+             Captions are re-drawn from each scene's ground truth every time it is seen.
+  5. export  write a StableDiffusionPipeline folder (safetensors, fp16 storage) and a training report.
+
+Seeds are fixed and every batch is a function of (seed, stage, step), so a resumed run sees the
+same batches as an uninterrupted one. Uses a GPU when one is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import model as tw_model
+from .world import Scene, caption, render, sample_scene
+
+TRAIN_SEED_OFFSET = 0  # training scenes use seeds [0, n); evaluation splits use seeds >= 10_000_000
+
+
+# ----------------------------------------------------------------------------- checkpoints (safetensors only)
+
+def _save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
+    """Optimizer state as safetensors + JSON, so resuming never unpickles anything."""
+    tensors, meta = {}, {"param_groups": [], "scalars": {}}
+    state = opt.state_dict()
+    for i, group in enumerate(state["param_groups"]):
+        meta["param_groups"].append({k: v for k, v in group.items() if k != "params"} | {"params": group["params"]})
+    for pid, st in state["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                meta["scalars"][f"{pid}.{k}"] = v
+    save_file(tensors, str(path) + ".safetensors")
+    Path(str(path) + ".json").write_text(json.dumps(meta))
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
+    tensors = load_file(str(path) + ".safetensors")
+    meta = json.loads(Path(str(path) + ".json").read_text())
+    state: dict = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _save_ckpt(out: Path, stage: str, step: int, modules: dict, opt, losses: list) -> None:
+    d = out / f"{stage}_ckpt"
+    d.mkdir(parents=True, exist_ok=True)
+    for name, m in modules.items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}, str(d / f"{name}.safetensors"))
+    _save_optimizer(opt, d / "optimizer")
+    tmp = d / "state.json.tmp"
+    tmp.write_text(json.dumps({"step": step, "losses": losses}))
+    tmp.replace(d / "state.json")  # written last: a checkpoint is valid only once this exists
+
+
+def _load_ckpt(out: Path, stage: str, modules: dict, opt) -> tuple[int, list]:
+    d = out / f"{stage}_ckpt"
+    if not (d / "state.json").exists():
+        return 0, []
+    for name, m in modules.items():
+        m.load_state_dict(load_file(str(d / f"{name}.safetensors")))
+    _load_optimizer(opt, d / "optimizer")
+    st = json.loads((d / "state.json").read_text())
+    return st["step"], st["losses"]
+
+
+# ----------------------------------------------------------------------------- stage 1: data
+
+def _render_one(seed: int) -> tuple[np.ndarray, dict]:
+    scene = sample_scene(seed)
+    return render(scene).image, scene.to_dict()
+
+
+def make_data(out: Path, n: int, workers: int = 2) -> tuple[np.ndarray, list[Scene]]:
+    images_path, scenes_path = out / "data_images.npy", out / "data_scenes.json"
+    if images_path.exists() and scenes_path.exists():
+        scenes = [Scene.from_dict(d) for d in json.loads(scenes_path.read_text())]
+        if len(scenes) == n:
+            return np.load(images_path), scenes
+    seeds = range(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + n)
+    with Pool(workers) as pool:
+        results = list(tqdm(pool.imap(_render_one, seeds, chunksize=256), total=n, desc="render TinyWorld"))
+    images = np.stack([r[0] for r in results])
+    np.save(images_path, images)
+    scenes_path.write_text(json.dumps([r[1] for r in results]))
+    return images, [Scene.from_dict(r[1]) for r in results]
+
+
+def _to_tensor(images: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------- stage 2: VAE
+
+def train_vae(out: Path, images: np.ndarray, steps: int, batch: int, lr: float, seed: int, device) -> torch.nn.Module:
+    vae = tw_model.make_vae().to(device)
+    final = out / "vae_final.safetensors"
+    if final.exists():
+        vae.load_state_dict(load_file(str(final)))
+        return vae
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    start, losses = _load_ckpt(out, "vae", {"vae": vae}, opt)
+    vae.train()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train VAE")
+    for step in bar:
+        rng = np.random.default_rng([seed, 1, step])
+        x = _to_tensor(images[rng.choice(len(images), batch, replace=False)], device)
+        for g in opt.param_groups:  # cosine decay after a short warm-up
+            g["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device)
+        recon = vae.decode(z).sample
+        rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = rec + 1e-5 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(rec))
+        bar.set_postfix(rec=f"{np.mean(losses[-50:]):.4f}")
+        if (step + 1) % 200 == 0 and step + 1 < steps:
+            _save_ckpt(out, "vae", step + 1, {"vae": vae}, opt, losses)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(final))
+    (out / "vae_losses.json").write_text(json.dumps(losses))
+    return vae
+
+
+# ----------------------------------------------------------------------------- stage 3: latents
+
+@torch.no_grad()
+def encode_latents(out: Path, vae, images: np.ndarray, device, batch: int = 256) -> tuple[torch.Tensor, float]:
+    path = out / "latents.safetensors"
+    if path.exists():
+        d = load_file(str(path))
+        return d["latents"], float(d["scaling_factor"])
+    vae.eval()
+    chunks = []
+    for i in tqdm(range(0, len(images), batch), desc="encode latents"):
+        chunks.append(vae.encode(_to_tensor(images[i : i + batch], device)).latent_dist.mean.cpu())
+    latents = torch.cat(chunks)
+    scaling = 1.0 / float(latents.std())
+    save_file({"latents": latents.half().contiguous(), "scaling_factor": torch.tensor(scaling)}, str(path))
+    return latents.half(), scaling
+
+
+# ----------------------------------------------------------------------------- stage 4: UNet + text encoder
+
+class EMA:
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))  # warm-up: early weights are not kept for long
+        for k, v in module.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+
+def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Scene], steps: int, batch: int,
+               lr: float, seed: int, device, cfg_dropout: float = 0.1, min_snr_gamma: float = 5.0):
+    torch.manual_seed(seed)
+    unet, text_encoder = tw_model.make_unet().to(device), tw_model.make_text_encoder().to(device)
+    tokenizer, scheduler = tw_model.make_tokenizer(), tw_model.make_scheduler()
+    final = out / "unet_final"
+    if (final / "state.json").exists():
+        unet.load_state_dict(load_file(str(final / "unet_ema.safetensors")))
+        text_encoder.load_state_dict(load_file(str(final / "text_encoder_ema.safetensors")))
+        return unet, text_encoder
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    ema_u, ema_t = EMA(unet, 0.999), EMA(text_encoder, 0.999)
+    modules = {"unet": unet, "text_encoder": text_encoder}
+    start, losses = _load_ckpt(out, "unet", modules, opt)
+    if start:
+        ema_u.shadow = load_file(str(out / "unet_ckpt" / "unet_ema.safetensors"))
+        ema_t.shadow = load_file(str(out / "unet_ckpt" / "text_encoder_ema.safetensors"))
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    unet.train()
+    text_encoder.train()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train UNet + text encoder")
+    for step in bar:
+        rng = np.random.default_rng([seed, 2, step])
+        idx = rng.choice(len(latents), batch, replace=False)
+        texts = ["" if rng.random() < cfg_dropout else caption(scenes[i], rng) for i in idx]
+        ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        x0 = latents[idx].float().to(device) * scaling
+        gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen).to(device)
+        xt = scheduler.add_noise(x0, noise, t)
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        cond = text_encoder(ids.to(device))[0]
+        pred = unet(xt, t, encoder_hidden_states=cond).sample
+        weight = torch.clamp(snr[t], max=min_snr_gamma) / snr[t]  # Min-SNR-gamma for epsilon prediction
+        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema_u.update(unet, step)
+        ema_t.update(text_encoder, step)
+        losses.append(float(loss))
+        bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+        if (step + 1) % 250 == 0 and step + 1 < steps:
+            _save_ckpt(out, "unet", step + 1, modules, opt, losses)
+            save_file(ema_u.shadow, str(out / "unet_ckpt" / "unet_ema.safetensors"))
+            save_file(ema_t.shadow, str(out / "unet_ckpt" / "text_encoder_ema.safetensors"))
+    final.mkdir(parents=True, exist_ok=True)
+    save_file(ema_u.shadow, str(final / "unet_ema.safetensors"))
+    save_file(ema_t.shadow, str(final / "text_encoder_ema.safetensors"))
+    (final / "state.json").write_text(json.dumps({"step": steps, "losses": losses}))
+    unet.load_state_dict(ema_u.shadow)
+    text_encoder.load_state_dict(ema_t.shadow)
+    return unet, text_encoder
+
+
+# ----------------------------------------------------------------------------- stage 5: export
+
+def export_pipeline(vae, unet, text_encoder, scaling: float, folder: Path) -> Path:
+    """A genuine StableDiffusionPipeline folder, loadable with plain `from_pretrained`.
+
+    Stored in float32: recent transformers load weights in their stored dtype, so fp16 storage would
+    give a mixed-precision pipeline on a plain `from_pretrained(path)`. The model fits in ~35 MB anyway."""
+    from diffusers import StableDiffusionPipeline
+
+    vae.register_to_config(scaling_factor=scaling)
+    pipe = StableDiffusionPipeline(
+        vae=vae.cpu().eval(), text_encoder=text_encoder.cpu().eval(), tokenizer=tw_model.make_tokenizer(),
+        unet=unet.cpu().eval(), scheduler=tw_model.make_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
+        # The slow tokenizer's files too, so transformers 4.x loads the folder as well as 5.x.
+        shutil.copy(tw_model.TOKENIZER_DIR / name, folder / "tokenizer" / name)
+    return folder
+
+
+def plot_losses(out: Path, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, name, title in ((axes[0], out / "vae_losses.json", "VAE reconstruction (L1+MSE)"),
+                            (axes[1], out / "unet_final" / "state.json", "UNet denoising loss (Min-SNR-5)")):
+        if not name.exists():
+            continue
+        data = json.loads(name.read_text())
+        values = np.array(data["losses"] if isinstance(data, dict) else data)
+        k = max(1, len(values) // 100)
+        smooth = np.convolve(values, np.ones(k) / k, mode="valid")
+        ax.plot(values, alpha=0.25, lw=0.5)
+        ax.plot(np.arange(len(smooth)) + k - 1, smooth)
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="sdlab tinyworld train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("runs/tinyworld"), help="working folder (checkpoints, cache)")
+    p.add_argument("--export", type=Path, default=None, help="pipeline folder to write (default: OUT/pipeline)")
+    p.add_argument("--n-images", type=int, default=60_000)
+    p.add_argument("--vae-steps", type=int, default=1200)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--unet-steps", type=int, default=3500)
+    p.add_argument("--unet-batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    timings = {}
+    images, scenes = make_data(args.out, args.n_images)
+    timings["data_s"] = time.time() - t0
+    vae = train_vae(args.out, images, args.vae_steps, args.vae_batch, 1e-3, args.seed, args.device)
+    timings["vae_s"] = time.time() - t0 - sum(timings.values())
+    latents, scaling = encode_latents(args.out, vae, images, args.device)
+    timings["latents_s"] = time.time() - t0 - sum(timings.values())
+    unet, text_encoder = train_unet(args.out, latents, scaling, scenes, args.unet_steps, args.unet_batch, args.lr,
+                                    args.seed, args.device)
+    timings["unet_s"] = time.time() - t0 - sum(timings.values())
+    folder = export_pipeline(vae, unet, text_encoder, scaling, args.export or args.out / "pipeline")
+    plot_losses(args.out, args.out / "training_losses.png")
+    report = {"args": {k: str(v) for k, v in vars(args).items()}, "timings_this_invocation_s": timings,
+              "latent_scaling_factor": scaling, "device": args.device, "torch": torch.__version__}
+    (args.out / "training_report.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {folder} ({sum(f.stat().st_size for f in folder.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
