@@ -37,7 +37,7 @@ TEXTURE_INK = (20, 20, 20)  # stripes and dots are drawn in near-black on top of
 TEXTURES = ("plain", "striped", "dotted")
 BACKGROUNDS = ("plain", "sky", "grass")
 SIZES = ("small", "large")
-SIZE_RANGES = {"small": (12.0, 17.0), "large": (22.0, 29.0)}  # object extent in pixels
+SIZE_RANGES = {"small": (13.0, 18.0), "large": (23.0, 30.0)}  # object extent in pixels
 RELATIONS = ("left of", "right of", "above", "below")
 
 # Semantic keypoints of each class, in the shape's unit frame (x right, y down, extent [-1, 1]).
@@ -62,7 +62,7 @@ class WorldObject:
 
     @property
     def size_label(self) -> str:
-        return "small" if self.size < 19.5 else "large"
+        return "small" if self.size < (SIZE_RANGES["small"][1] + SIZE_RANGES["large"][0]) / 2 else "large"
 
 
 @dataclass
@@ -101,7 +101,7 @@ def unit_outline(shape: str) -> np.ndarray:
         return np.array([[0, -1], [1, 0.8], [-1, 0.8]], float)
     if shape == "star":
         angles = -np.pi / 2 + np.arange(10) * np.pi / 5
-        radii = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
+        radii = np.where(np.arange(10) % 2 == 0, 1.0, 0.55)  # fat enough to keep its tips at 13 px
         pts = np.stack([radii * np.cos(angles), radii * np.sin(angles)], 1)
         return pts + np.array([0, 0.1])  # the star's tips reach -1 at the top, ~0.8 at the bottom
     if shape == "heart":
@@ -189,7 +189,7 @@ def _texture_ink(obj: WorldObject, window: tuple[int, int, int, int]) -> np.ndar
     elif obj.texture == "dotted":  # square grid of round dots, period 5 px
         dx = (xx % 5.0) - 2.5
         dy = (yy % 5.0) - 2.5
-        ink = (dx * dx + dy * dy < 1.3 ** 2).astype(np.float32)
+        ink = (dx * dx + dy * dy < 1.5 ** 2).astype(np.float32)
     else:
         raise ValueError(f"unknown texture {obj.texture!r}; TinyWorld textures are {TEXTURES}")
     return ink.reshape(y1 - y0, SUPERSAMPLE, x1 - x0, SUPERSAMPLE).mean(axis=(1, 3))
@@ -274,7 +274,7 @@ def sample_scene(seed: int, n_objects: int | None = None, size: int = IMAGE_SIZE
         # Keep three-object scenes small enough to fit.
         if n_objects == 3:
             for o in objs:
-                o.size = min(o.size, 20.0)
+                o.size = min(o.size, 24.0)
         for o in objs:
             r = o.size / 2
             o.cx = float(rng.uniform(r + 1, size - r - 1))
