@@ -84,6 +84,11 @@ def _classify_shape(region_mask: np.ndarray, bbox: tuple[int, int, int, int]) ->
     The template is scaled from the region's bounding box, then enlarged a little in case thin
     parts (a star's tips) fell below the foreground threshold, and centred on the region's centroid."""
     y0, x0, y1, x1 = bbox
+    # Work in a window around the region (templates may be up to 1.2x larger than its bounding box).
+    pad = int(0.3 * max(y1 - y0, x1 - x0)) + 2
+    wy0, wx0 = max(0, y0 - pad), max(0, x0 - pad)
+    region_mask = region_mask[wy0 : y1 + pad, wx0 : x1 + pad]
+    y0, x0, y1, x1 = y0 - wy0, x0 - wx0, y1 - wy0, x1 - wx0
     h, w = region_mask.shape
     ys, xs = np.nonzero(region_mask)
     my, mx = ys.mean() + 0.5, xs.mean() + 0.5
@@ -99,7 +104,7 @@ def _classify_shape(region_mask: np.ndarray, bbox: tuple[int, int, int, int]) ->
             union = np.logical_or(template, region_mask).sum()
             iou = inter / max(union, 1)
             if iou > best[1]:
-                best = (shape, float(iou), float(2 * ppu), float(cx), float(cy))
+                best = (shape, float(iou), float(2 * ppu), float(cx + wx0), float(cy + wy0))
     return best
 
 
@@ -125,13 +130,13 @@ def _texture(img: np.ndarray, mask: np.ndarray, colour: np.ndarray) -> str:
     ink = towards_ink > 0.35
     if ink[inner].mean() < 0.06:
         return "plain"
-    # Stripes are diagonal lines: luminance varies along one diagonal only. Dots vary along both.
-    lum = img.mean(axis=-1)
-    gy, gx = np.gradient(lum)
+    # Stripes are diagonal lines: the ink varies along one diagonal only; dots vary along both. The ink map
+    # is ~0 on the background as on plain colour, so the object's outline adds no false orientation.
+    gy, gx = np.gradient(np.clip(towards_ink, 0, 1))
     d1, d2 = (gx + gy)[inner], (gx - gy)[inner]
     e1, e2 = (d1 ** 2).sum(), (d2 ** 2).sum()
     anisotropy = abs(e1 - e2) / max(e1 + e2, 1e-6)
-    return "striped" if anisotropy > 0.45 else "dotted"
+    return "striped" if anisotropy > 0.3 else "dotted"
 
 
 def read_image(image) -> Reading:

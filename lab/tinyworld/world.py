@@ -264,9 +264,12 @@ def sample_scene(seed: int, n_objects: int | None = None, size: int = IMAGE_SIZE
     second_attrs = {k[len("second_"):]: attributes.pop(k) for k in list(attributes) if k.startswith("second_")}
     if attributes:
         raise TypeError(f"unknown scene attributes {sorted(attributes)}")
-    for _ in range(200):
+    for attempt in range(2000):
         objs = [_sample_object(rng, **first_attrs)] + [
             _sample_object(rng, **(second_attrs if i == 1 else {})) for i in range(1, n_objects)]
+        if attempt >= 100:  # crowded: shrink toward the bottom of each object's size range
+            for o in objs:
+                o.size = SIZE_RANGES[o.size_label][0] + (o.size - SIZE_RANGES[o.size_label][0]) * 0.5
         if n_objects > 1 and first_attrs.get("shape") is None and second_attrs.get("shape") is None:
             # Two objects of one class and colour would make the caption ambiguous.
             if objs[0].shape == objs[1].shape and objs[0].color == objs[1].color:
