@@ -150,22 +150,22 @@ def read_image(image) -> Reading:
     foreground = np.linalg.norm(img - bg, axis=-1) > FOREGROUND_DISTANCE
     foreground = ndimage.binary_opening(foreground, iterations=1) | (foreground & ndimage.binary_erosion(foreground))
     foreground = ndimage.binary_fill_holes(foreground)
-    # Nearest of palette + ink for each pixel; ink is "dark and unsaturated".
-    dist_palette = np.linalg.norm(img[..., None, :] - PALETTE, axis=-1)
-    dist_ink = np.linalg.norm(img - INK, axis=-1)
-    is_ink = dist_ink < dist_palette.min(axis=-1)
-    nearest_colour = dist_palette.argmin(axis=-1)
+    # Each object pixel is its colour, partly covered by ink (textures, blurred): score every palette colour
+    # by the distance from the pixel to the segment colour -> ink, so a blurred yellow stripe stays yellow.
+    to_ink = INK - PALETTE  # (C, 3)
+    along = np.clip(((img[..., None, :] - PALETTE) * to_ink).sum(-1) / (to_ink ** 2).sum(-1), 0.0, 0.7)
+    dist_segment = np.linalg.norm(img[..., None, :] - (PALETTE + along[..., None] * to_ink), axis=-1)
+    nearest_colour = dist_segment.argmin(axis=-1)
+    clean = dist_segment.min(axis=-1) < 40
     labels = label(foreground, connectivity=2)
     objects = []
     for region in regionprops(labels):
         if region.area < MIN_REGION_PIXELS:
             continue
         mask = labels == region.label
-        colour_pixels = mask & ~is_ink & (dist_palette.min(axis=-1) < 90)
+        colour_pixels = mask & clean
         if colour_pixels.sum() < 4:
-            colour_pixels = mask & ~is_ink
-        if colour_pixels.sum() == 0:
-            continue
+            colour_pixels = mask
         votes = np.bincount(nearest_colour[colour_pixels], minlength=len(COLOR_NAMES))
         shape, score, size, cx, cy = _classify_shape(mask, region.bbox)
         colour = int(votes.argmax())

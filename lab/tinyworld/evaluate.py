@@ -1,0 +1,133 @@
+"""Measure the judge on rendered images and the embedded model on held-out prompts.
+
+    sdlab tinyworld eval --judge              # judge accuracy + confusion on the fixed rendered split
+    sdlab tinyworld eval --model [PATH]       # quality of a pipeline on the held-out prompt split
+
+Prompt split: scenes drawn from evaluation seeds (>= 10,000,000; training uses [0, 60,000)),
+captioned with every attribute named. TinyWorld is combinatorial, so "held out" means unseen
+scenes and wordings, not unseen concepts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .judge import judge_rendered, parse_prompt, score_prompt
+from .world import COLORS, RELATIONS, SHAPES, TEXTURES, fixed_caption, render, sample_scene
+
+EVAL_SEED = 10_000_000
+JUDGE_SPLIT = range(EVAL_SEED, EVAL_SEED + 500)
+
+
+def prompt_split() -> dict[str, list[str]]:
+    """The held-out prompt sets, deterministic: single objects, pairs with a relation, textures and sizes."""
+    rng = np.random.default_rng(EVAL_SEED)
+    single, pairs, attributes = [], [], []
+    for i, shape in enumerate(SHAPES):  # every shape with a spread of colours, plain texture, no size word
+        for color in list(COLORS)[i % 2 :: 2]:
+            single.append(f"a {color} {shape}")
+    seed = EVAL_SEED + 1000
+    while len(pairs) < 24:
+        relation = RELATIONS[len(pairs) % len(RELATIONS)]
+        scene = sample_scene(seed, n_objects=2, relation=relation)
+        seed += 1
+        a, b = scene.objects
+        pairs.append(f"a {a.color} {a.shape} {relation} a {b.color} {b.shape}")
+    for k in range(24):
+        texture = TEXTURES[1 + k % 2] if k % 3 else "plain"
+        size = "small" if k % 2 else "large"
+        shape, color = SHAPES[rng.integers(len(SHAPES))], list(COLORS)[rng.integers(len(COLORS))]
+        tex = "" if texture == "plain" else texture + " "
+        attributes.append(f"a {size} {tex}{color} {shape}")
+    return {"single": single, "pairs": pairs, "attributes": attributes}
+
+
+def evaluate_judge(seeds=JUDGE_SPLIT) -> dict:
+    correct = total = 0
+    confusion = {k: collections.Counter() for k in ("shape", "color", "texture", "size_label")}
+    missing = 0
+    for seed in tqdm(seeds, desc="judge on rendered split"):
+        scene = sample_scene(seed)
+        result = judge_rendered(scene, render(scene).image)
+        for row in result["objects"]:
+            total += 1
+            if row["found"] is None:
+                missing += 1
+                continue
+            ok = all(row["found"][k] == row["truth"][k] for k in confusion)
+            correct += ok
+            for k in confusion:
+                confusion[k][f"{row['truth'][k]} -> {row['found'][k]}"] += 1
+    return {"objects": total, "fully_correct": correct / total, "missing": missing,
+            "errors": {k: {p: n for p, n in c.items() if p.split(" -> ")[0] != p.split(" -> ")[1]} for k, c in confusion.items()}}
+
+
+@torch.no_grad()
+def evaluate_model(pipe, seeds=(0, 1, 2, 3), steps: int = 20, guidance: float = 5.0, batch: int = 16,
+                   sets: dict[str, list[str]] | None = None) -> dict:
+    """Generate every prompt of the split with each seed and score it with the judge."""
+    sets = sets or prompt_split()
+    out = {}
+    for name, prompts in sets.items():
+        jobs = [(p, s) for p in prompts for s in seeds]
+        scores = []
+        for i in tqdm(range(0, len(jobs), batch), desc=f"generate + judge: {name}"):
+            chunk = jobs[i : i + batch]
+            generators = [torch.Generator().manual_seed(s) for _, s in chunk]
+            images = pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                          generator=generators).images
+            scores += [(p, score_prompt(p, im)) for (p, _), im in zip(chunk, images)]
+        out[name] = summarize(scores)
+    return out
+
+
+def summarize(scores: list[tuple[str, dict]]) -> dict:
+    def rate(values):
+        values = [v for v in values if v is not None]
+        return (sum(values) / len(values)) if values else None
+    objs = [o for _, s in scores for o in s["objects"]]
+    return {
+        "n_images": len(scores),
+        "shape_and_color": rate([o["shape"] and o["color"] is not False for o in objs]),
+        "all_objects_present": rate([s["all_present"] for _, s in scores]),
+        "relation": rate([s["relation"] for _, s in scores]),
+        "texture": rate([o["texture"] for o in objs]),
+        "size": rate([o["size"] for o in objs]),
+        "exact_object_count": rate([s["n_found"] == len(parse_prompt(p).objects) for p, s in scores]),
+    }
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="sdlab tinyworld eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--judge", action="store_true", help="judge accuracy on the rendered split")
+    p.add_argument("--model", nargs="?", const="", default=None, help="evaluate a pipeline (default: the embedded one)")
+    p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    results = {}
+    if args.judge:
+        results["judge"] = evaluate_judge()
+    if args.model is not None:
+        from ..pipelines import load_pipeline
+
+        pipe = load_pipeline(args.model or None)
+        pipe.set_progress_bar_config(disable=True)
+        results["model"] = evaluate_model(pipe, seeds=tuple(range(args.seeds)), steps=args.steps, guidance=args.guidance)
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
