@@ -163,9 +163,56 @@ def encode_latents(out: Path, vae, images: np.ndarray, device, batch: int = 256)
     for i in tqdm(range(0, len(images), batch), desc="encode latents"):
         chunks.append(vae.encode(_to_tensor(images[i : i + batch], device)).latent_dist.mean.cpu())
     latents = torch.cat(chunks)
-    scaling = 1.0 / float(latents.std())
+    fixed = out / "scaling_factor.json"  # continuing from a shipped model: keep the latent scale its UNet knows
+    scaling = json.loads(fixed.read_text()) if fixed.exists() else 1.0 / float(latents.std())
     save_file({"latents": latents.half().contiguous(), "scaling_factor": torch.tensor(scaling)}, str(path))
     return latents.half(), scaling
+
+
+# ----------------------------------------------------------------------------- stage 3b: decoder fine-tuning
+
+def _image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
+
+
+def finetune_decoder(out: Path, vae, images: np.ndarray, latents: torch.Tensor, steps: int, batch: int, lr: float,
+                     seed: int, device) -> torch.nn.Module:
+    """Sharpen the decoder on the frozen encoder's latents (as SD's ft-MSE VAE did): the latent space,
+    and so the UNet trained on it, is unchanged. An L1 loss on image gradients keeps edges and stripes crisp."""
+    final = out / "decoder_final.safetensors"
+    if final.exists():
+        vae.decoder.load_state_dict(load_file(str(final)))
+        vae.post_quant_conv.load_state_dict(load_file(str(out / "post_quant_conv_final.safetensors")))
+        return vae
+    if steps <= 0:
+        return vae
+    decoder = vae.decoder
+    modules = {"decoder": decoder, "post_quant_conv": vae.post_quant_conv}
+    params = list(decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    start, losses = _load_ckpt(out, "decoder", modules, opt)
+    vae.train()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="fine-tune VAE decoder")
+    for step in bar:
+        rng = np.random.default_rng([seed, 3, step])
+        idx = rng.choice(len(images), batch, replace=False)
+        x = _to_tensor(images[idx], device)
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        recon = vae.decode(latents[idx].float().to(device)).sample
+        (gy, gx), (ty, tx) = _image_gradients(recon), _image_gradients(x)
+        loss = F.l1_loss(recon, x) + F.mse_loss(recon, x) + 0.5 * (F.l1_loss(gy, ty) + F.l1_loss(gx, tx))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if (step + 1) % 200 == 0 and step + 1 < steps:
+            _save_ckpt(out, "decoder", step + 1, modules, opt, losses)
+    save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, str(final))
+    save_file({k: v.contiguous() for k, v in vae.post_quant_conv.state_dict().items()}, str(out / "post_quant_conv_final.safetensors"))
+    (out / "decoder_losses.json").write_text(json.dumps(losses))
+    return vae
 
 
 # ----------------------------------------------------------------------------- stage 4: UNet + text encoder
@@ -186,7 +233,8 @@ class EMA:
 
 
 def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Scene], steps: int, batch: int,
-               lr: float, seed: int, device, cfg_dropout: float = 0.1, min_snr_gamma: float = 5.0):
+               lr: float, seed: int, device, cfg_dropout: float = 0.1, min_snr_gamma: float = 5.0,
+               max_minutes: float | None = None):
     torch.manual_seed(seed)
     unet, text_encoder = tw_model.make_unet().to(device), tw_model.make_text_encoder().to(device)
     tokenizer, scheduler = tw_model.make_tokenizer(), tw_model.make_scheduler()
@@ -199,6 +247,10 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ema_u, ema_t = EMA(unet, 0.999), EMA(text_encoder, 0.999)
     modules = {"unet": unet, "text_encoder": text_encoder}
+    if (out / "unet_init.safetensors").exists() and not (out / "unet_ckpt" / "state.json").exists():
+        unet.load_state_dict(load_file(str(out / "unet_init.safetensors")))  # --init-from: continue a shipped model
+        text_encoder.load_state_dict(load_file(str(out / "text_encoder_init.safetensors")))
+        ema_u, ema_t = EMA(unet, 0.999), EMA(text_encoder, 0.999)
     start, losses = _load_ckpt(out, "unet", modules, opt)
     if start:
         ema_u.shadow = load_file(str(out / "unet_ckpt" / "unet_ema.safetensors"))
@@ -208,7 +260,11 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
     unet.train()
     text_encoder.train()
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train UNet + text encoder")
+    deadline = time.time() + 60 * max_minutes if max_minutes else float("inf")
     for step in bar:
+        if time.time() > deadline:  # out of time: finish with the EMA weights reached so far
+            print(f"time budget reached at step {step}/{steps}")
+            break
         rng = np.random.default_rng([seed, 2, step])
         idx = rng.choice(len(latents), batch, replace=False)
         texts = ["" if rng.random() < cfg_dropout else caption(scenes[i], rng) for i in idx]
@@ -239,7 +295,7 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
     final.mkdir(parents=True, exist_ok=True)
     save_file(ema_u.shadow, str(final / "unet_ema.safetensors"))
     save_file(ema_t.shadow, str(final / "text_encoder_ema.safetensors"))
-    (final / "state.json").write_text(json.dumps({"step": steps, "losses": losses}))
+    (final / "state.json").write_text(json.dumps({"step": len(losses), "planned_steps": steps, "losses": losses}))
     unet.load_state_dict(ema_u.shadow)
     text_encoder.load_state_dict(ema_t.shadow)
     return unet, text_encoder
@@ -292,23 +348,49 @@ def plot_losses(out: Path, path: Path) -> None:
     plt.close(fig)
 
 
+def init_from_pipeline(out: Path, folder: Path) -> None:
+    """Seed a working folder from an exported pipeline, so training continues where it stopped
+    (fresh optimizer; the VAE and its latent scale are kept, so only UNet + text encoder train)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    def tensors(module):
+        return {k: v.detach().float().contiguous() for k, v in module.state_dict().items()}
+
+    vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae")
+    save_file(tensors(vae), str(out / "vae_final.safetensors"))
+    save_file(tensors(vae.decoder), str(out / "decoder_final.safetensors"))
+    save_file(tensors(vae.post_quant_conv), str(out / "post_quant_conv_final.safetensors"))
+    (out / "scaling_factor.json").write_text(json.dumps(vae.config.scaling_factor))
+    save_file(tensors(UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet")), str(out / "unet_init.safetensors"))
+    save_file(tensors(CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder")),
+              str(out / "text_encoder_init.safetensors"))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="sdlab tinyworld train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/tinyworld"), help="working folder (checkpoints, cache)")
     p.add_argument("--export", type=Path, default=None, help="pipeline folder to write (default: OUT/pipeline)")
     p.add_argument("--n-images", type=int, default=60_000)
-    p.add_argument("--vae-steps", type=int, default=1200)
+    p.add_argument("--vae-steps", type=int, default=1400)
     p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--unet-steps", type=int, default=3500)
+    p.add_argument("--decoder-steps", type=int, default=1500, help="decoder fine-tuning on frozen latents")
+    p.add_argument("--decoder-only", action="store_true", help="stop after the decoder stage (it can run beside the UNet's)")
+    p.add_argument("--unet-steps", type=int, default=2800)
     p.add_argument("--unet-batch", type=int, default=64)
+    p.add_argument("--unet-minutes", type=float, default=None, help="stop the UNet stage after this long (EMA weights)")
     p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="continue training an exported pipeline (e.g. lab/models/tinyworld-sd) in a new --out folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.init_from and not (args.out / "unet_init.safetensors").exists():
+        init_from_pipeline(args.out, args.init_from)
     t0 = time.time()
     timings = {}
     images, scenes = make_data(args.out, args.n_images)
@@ -317,8 +399,12 @@ def main(argv=None) -> None:
     timings["vae_s"] = time.time() - t0 - sum(timings.values())
     latents, scaling = encode_latents(args.out, vae, images, args.device)
     timings["latents_s"] = time.time() - t0 - sum(timings.values())
+    vae = finetune_decoder(args.out, vae, images, latents, args.decoder_steps, args.vae_batch, 5e-4, args.seed, args.device)
+    timings["decoder_s"] = time.time() - t0 - sum(timings.values())
+    if args.decoder_only:
+        return
     unet, text_encoder = train_unet(args.out, latents, scaling, scenes, args.unet_steps, args.unet_batch, args.lr,
-                                    args.seed, args.device)
+                                    args.seed, args.device, max_minutes=args.unet_minutes)
     timings["unet_s"] = time.time() - t0 - sum(timings.values())
     folder = export_pipeline(vae, unet, text_encoder, scaling, args.export or args.out / "pipeline")
     plot_losses(args.out, args.out / "training_losses.png")

@@ -1,0 +1,26 @@
+"""sdlab: look inside Stable Diffusion and edit what it does."""
+
+from lab import hooks, testing, tokens
+from lab.hooks import (
+    Capture,
+    CaptureTooLarge,
+    Edit,
+    ExplicitAttnProcessor,
+    Mean,
+    MemoryEstimate,
+    Site,
+    Stack,
+    StepContext,
+    Sum,
+    TopK,
+    Trace,
+    active_hooks,
+    remove_all_hooks,
+    scale_tokens,
+    select_sites,
+    sites,
+    trace,
+)
+from lab.tokens import prompt_tokens, token_indices
+from lab import daam
+from lab.daam import AttributionRun, HeatMap
