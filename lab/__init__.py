@@ -22,5 +22,6 @@ from lab.hooks import (
     trace,
 )
 from lab.tokens import prompt_tokens, token_indices
+from lab.pipelines import load_pipeline
 from lab import daam
 from lab.daam import AttributionRun, HeatMap

@@ -52,7 +52,8 @@ Trajectory  (the "predicted clean image" of Diffusion Explainer; the "Diffusion 
     At each step the UNet's guided prediction and its input x_t give the predicted clean latent
         epsilon:       x0_hat = (x_t - sqrt(1 - abar_t) * eps) / sqrt(abar_t)
         v-prediction:  x0_hat = sqrt(abar_t) * x_t - sqrt(1 - abar_t) * v
-    decoded with the pipeline's VAE: `run.x0[image][step]`.
+    decoded with the pipeline's VAE: `run.x0[image][step]`. x_t and the prediction are lab captures at
+    the "unet" site (the UNet call's "input" and "output", both CFG halves, one per step).
 
 Memory. By default only running means are kept (one map per layer, whatever the number of
 steps). `per_step=True` keeps every step and head, so any step range, layer group and head can be
@@ -64,12 +65,10 @@ what to narrow.
 
 from __future__ import annotations
 
-import fnmatch
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -206,14 +205,13 @@ def plot_grid(heat_maps: Iterable[HeatMap], ncols: int = 4, alpha: float = 0.5, 
 # Choosing layers at trace time
 # ----------------------------------------------------------------------------------------------
 
-# lab's shorthand words (see lab.hooks._SELECTOR_HELP); a selector made only of these is completed
-# with "cross" or "self" so that e.g. sites="16x16" records cross-attention only.
-_SHORTHAND_WORD = re.compile(r"^(attention|cross|self|blocks|down|mid|up|level\d+|\d+x\d+)$")
-
-
 def _attention_selector(pipe, selector, kind: str, argument: str):
-    """The capture selector for `selector`, limited to attention layers of `kind` ("cross" or "self")."""
-    if isinstance(selector, str) and selector.split() and all(_SHORTHAND_WORD.match(w) for w in selector.split()):
+    """The capture selector for `selector`, limited to attention layers of `kind` ("cross" or "self").
+
+    A lab shorthand is completed with `kind`, so that e.g. sites="16x16" records cross-attention only
+    (its resolution is resolved by lab at the first UNet call, when the latent size is known).
+    """
+    if hooks.is_shorthand(selector):
         words = selector.split()
         if "blocks" in words or ({"cross", "self"} - {kind}) & set(words):
             raise ValueError(f"{argument}={selector!r} picks no {kind}-attention layers")
@@ -257,14 +255,13 @@ def predicted_clean_latents(sample: torch.Tensor, model_output: torch.Tensor, al
     raise ValueError(f"unknown prediction_type {prediction_type!r} (epsilon, v_prediction, sample)")
 
 
-def _alpha_bar(scheduler, timestep: float) -> float:
-    """abar_t of the step the UNet is running, for the input the UNet sees."""
+def _alpha_bar(scheduler, step: int, timestep: float) -> float:
+    """abar_t of the input the UNet saw at `step` (StepContext.step: the index in scheduler.timesteps)."""
     sigmas = getattr(scheduler, "sigmas", None)
-    step_index = getattr(scheduler, "step_index", None)
-    if sigmas is not None and step_index is not None:
+    if sigmas is not None and getattr(scheduler, "step_index", None) is not None:
         # Sigma schedulers (Euler, DPM-Solver...) feed the UNet x / sqrt(sigma^2 + 1), which is the
         # variance-preserving x_t of abar = 1 / (sigma^2 + 1); their sigma may sit between training steps.
-        sigma = float(sigmas[step_index])
+        sigma = float(sigmas[step])
         return 1.0 / (1.0 + sigma**2)
     return float(scheduler.alphas_cumprod[int(round(timestep))])
 
@@ -367,9 +364,7 @@ class AttributionTrace:
         else:
             self.self_selector = _attention_selector(pipe, self_attention_sites, "self", "self_attention_sites")
         self._trace = hooks.trace(pipe, memory_limit=memory_limit)
-        self._unet_hook = None
-        self._calls: list[dict[str, Any]] = []  # per UNet call: timestep, latent size, x0_hat (trajectory)
-        self._cross = self._self = self._queries = None
+        self._cross = self._self = self._queries = self._unet_input = self._unet_output = None
 
     def __enter__(self) -> "AttributionTrace":
         self._trace.__enter__()
@@ -385,39 +380,24 @@ class AttributionTrace:
                 self._self = self._trace.capture(self.self_selector, "probs", reduce=self_reduce, cfg="cond")
             if self.open_vocabulary:
                 self._queries = self._trace.capture(self.cross_selector, "q", reduce=Stack(downsample=downsample), cfg="cond")
-            # A plain torch hook, removed in __exit__: the step's timestep and, for the trajectory, x0_hat.
-            self._unet_hook = self.pipe.unet.register_forward_hook(self._after_unet_call, with_kwargs=True)
+            if self.trajectory:
+                # The denoising step's input x_t and prediction, both CFG halves: x0_hat needs the guided one.
+                self._unet_input = self._trace.capture("unet", "input", reduce=Stack(), cfg="both")
+                self._unet_output = self._trace.capture("unet", "output", reduce=Stack(), cfg="both")
         except BaseException:
             self._trace.__exit__(None, None, None)
             raise
         return self
 
     def __exit__(self, exc_type, exc, traceback) -> bool:
-        try:
-            if self._unet_hook is not None:
-                self._unet_hook.remove()
-                self._unet_hook = None
-        finally:
-            self._trace.__exit__(exc_type, exc, traceback)
+        self._trace.__exit__(exc_type, exc, traceback)
         if isinstance(exc, CaptureTooLarge):
             raise CaptureTooLarge(f"{_NARROWING_ADVICE}\n{exc}") from exc
         return False
 
-    def _after_unet_call(self, unet, args, kwargs, output):
-        sample = kwargs["sample"] if "sample" in kwargs else args[0]
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        timestep = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        call = {"timestep": timestep, "latent_size": tuple(sample.shape[-2:]), "x0": None}
-        if self.trajectory:
-            prediction = output[0] if isinstance(output, tuple) else output.sample
-            call["x0"] = self._guided_clean_latents(sample, prediction, timestep)
-        self._calls.append(call)
-        return None  # the UNet's output is left as it is
-
-    def _guided_clean_latents(self, sample, prediction, timestep) -> torch.Tensor:
-        """x0_hat from the guided prediction the pipeline is about to hand to its scheduler."""
+    def _guided_clean_latents(self, sample, prediction, ctx: hooks.StepContext) -> torch.Tensor:
+        """x0_hat from the UNet's input and the guided prediction the pipeline handed to its scheduler."""
         pipe = self.pipe
-        sample, prediction = sample.detach().float(), prediction.detach().float()
         if getattr(pipe, "do_classifier_free_guidance", False):
             # The pipeline's own guidance, rows [uncond, cond]; both halves of the input are the same x_t.
             uncond, cond = prediction.chunk(2)
@@ -427,8 +407,8 @@ class AttributionTrace:
 
                 prediction = rescale_noise_cfg(prediction, cond, guidance_rescale=pipe.guidance_rescale)
             sample = sample.chunk(2)[1]
-        alpha_bar = _alpha_bar(pipe.scheduler, timestep)
-        return predicted_clean_latents(sample, prediction, alpha_bar, pipe.scheduler.config.prediction_type).cpu()
+        alpha_bar = _alpha_bar(pipe.scheduler, ctx.step, ctx.timestep)
+        return predicted_clean_latents(sample, prediction, alpha_bar, pipe.scheduler.config.prediction_type)
 
     # -- the result -----------------------------------------------------------------------------
 
@@ -439,15 +419,16 @@ class AttributionTrace:
                 pipeline ran num_images_per_prompt > 1 (each is repeated, as the pipeline does).
         images  the pipeline's output images (PIL or uint8 arrays), for overlays; optional.
         """
-        if not self._calls:
+        contexts = self._cross.contexts if self._cross is not None else []
+        if not contexts:
             raise RuntimeError("nothing was traced: call the pipeline inside `with lab.daam.trace(pipe) as t:`")
-        timesteps = [call["timestep"] for call in self._calls]
+        timesteps = [ctx.timestep for ctx in contexts]
         if any(later >= earlier for earlier, later in zip(timesteps, timesteps[1:])):
             raise RuntimeError(
                 f"the UNet ran {len(timesteps)} times with timesteps {timesteps}: that is more than one "
                 "generation (or a loop calling the UNet twice per step). Use one `with lab.daam.trace(pipe)` "
                 "per pipeline call.")
-        latent_size = self._calls[0]["latent_size"]
+        latent_size = contexts[0].latent_size
         cross = self._cross.result()
         rows = next(iter(cross.values())).shape[1 if self.per_step else 0]
         prompts = _prompts_per_image(prompt, rows)
@@ -470,7 +451,9 @@ class AttributionTrace:
             image_size = (latent_size[0] * vae_factor, latent_size[1] * vae_factor)
         x0_images = None
         if self.trajectory:
-            x0_latents = torch.stack([call["x0"] for call in self._calls])  # (steps, images, channels, h, w)
+            inputs, outputs = self._unet_input["unet"], self._unet_output["unet"]  # (steps, rows, channels, h, w)
+            x0_latents = torch.stack([self._guided_clean_latents(sample, prediction, ctx) for sample, prediction, ctx
+                                      in zip(inputs, outputs, self._unet_input.contexts)])  # (steps, images, ...)
             steps, batch = x0_latents.shape[:2]
             x0_images = _decode_latents(self.pipe, x0_latents.flatten(0, 1)).reshape(steps, batch, *image_size, 3)
 
@@ -845,10 +828,7 @@ class AttributionRun:
     def _resolve_sites(self, selector, kind: str) -> list[str]:
         """Layer names of `kind` picked by `selector`, in execution order."""
         recorded = self.cross_attention if kind == "cross" else self.self_attention
-        pool = [self.sites[name] for name in recorded]
-        groups = _site_groups(pool)
-        chosen = set(_select_traced(pool, groups, selector, kind))
-        return [site.name for site in pool if site.name in chosen]
+        return _select_traced([self.sites[name] for name in recorded], selector, kind, self.latent_size)
 
     def _tokenizer(self):
         if self.tokenizer is None:
@@ -954,44 +934,25 @@ def _site_groups(pool: list[TracedSite]) -> dict[str, list[str]]:
     return groups
 
 
-def _select_traced(pool: list[TracedSite], groups: dict[str, list[str]], selector, kind: str) -> list[str]:
-    """lab's selector vocabulary over recorded layers (the run may outlive the pipeline)."""
-    names = [site.name for site in pool]
-    help_text = (f"Valid groups: {', '.join(groups)}; or a {kind}-attention layer name of this run, a glob, "
-                 "'re:<regex>', a predicate on lab.Site, or a list of these.")
+def _select_traced(pool: list[TracedSite], selector, kind: str, latent_size: tuple[int, int]) -> list[str]:
+    """lab's selectors over recorded layers, resolved by lab without the model (the run may outlive
+    it); "all" and None pick every layer. Resolutions ("16x16") are query sizes in the run."""
+
+    def lab_selector(part):
+        if isinstance(part, (list, tuple, set, frozenset)):
+            return [lab_selector(each) for each in part]
+        if isinstance(part, TracedSite):
+            return part.name
+        return "attention" if isinstance(part, str) and part == "all" else part
+
     if selector is None:
-        return names
-    if isinstance(selector, (Site, TracedSite)):
-        selector = selector.name
-    if isinstance(selector, (list, tuple, set, frozenset)):
-        if not selector:
-            raise ValueError(f"sites: empty list. {help_text}")
-        return [name for part in selector for name in _select_traced(pool, groups, part, kind)]
-    if isinstance(selector, re.Pattern):
-        matched = [name for name in names if selector.search(name)]
-    elif callable(selector):
-        matched = [site.name for site in pool if selector(site.as_lab_site())]
-    elif not isinstance(selector, str):
-        raise TypeError(f"cannot choose layers with a {type(selector).__name__}. {help_text}")
-    elif selector in groups:
-        matched = groups[selector]
-    elif selector in names:
-        matched = [selector]
-    elif selector.startswith("re:"):
-        matched = [name for name in names if re.search(selector[3:], name)]
-    elif any(char in selector for char in "*?["):
-        matched = [name for name in names if fnmatch.fnmatchcase(name, selector)]
-    elif selector.split() and all(word in groups or word in (kind, "attention") for word in selector.split()):
-        # Several group words must all hold, as in lab's shorthand: "up 16x16".
-        matched = names
-        for word in selector.split():
-            if word in groups:
-                matched = [name for name in matched if name in groups[word]]
-    else:
-        raise ValueError(f"unknown layer group or layer {selector!r} for {kind}-attention. {help_text}")
-    if not matched:
-        raise ValueError(f"sites={selector!r} picks none of the recorded {kind}-attention layers. {help_text}")
-    return matched
+        return [site.name for site in pool]
+    try:
+        chosen = hooks.select_sites([site.as_lab_site() for site in pool], lab_selector(selector), latent_size)
+    except ValueError as error:
+        raise ValueError(f"sites={selector!r} picks none of the recorded {kind}-attention layers: {error} "
+                         f"Valid groups: {', '.join(_site_groups(pool))}.") from None
+    return [site.name for site in chosen]
 
 
 def _as_int_list(value, argument: str) -> list[int]:

@@ -15,6 +15,10 @@ Vocabulary
     what     The tensor read or edited at a site. Attention sites: "q", "k", "v" shaped
              (batch, heads, tokens, head_dim); "probs" shaped (batch, heads, queries, keys);
              "output" shaped (batch, queries, channels). Block sites: "output" (batch, channels, h, w).
+             The "unet" site is the UNet call itself, the denoising step: "input" is the latent x_t it
+             is given (after the scheduler's scale_model_input) and "output" its prediction (noise,
+             v or sample), both (batch, channels, h, w). Only its exact name "unet" selects it: globs,
+             regexes, predicates and shorthands never do, and lab.sites(pipe) lists it only with unet=True.
     ctx      A `StepContext` passed to every callback: denoising step, timestep, which rows of the
              batch are unconditional / conditional under classifier-free guidance, the site.
 
@@ -24,6 +28,7 @@ How it works
       - "q", "k", "v": a forward hook on `attn.to_q` / `to_k` / `to_v` (the processor is kept, so
         fused SDPA, attention slicing or xformers keep running);
       - "output": a forward hook on the `Attention` module or on the block;
+      - "unet" site: a forward pre-hook ("input") or a forward hook ("output") on the UNet;
       - "probs": `ExplicitAttnProcessor`, which computes the attention probabilities explicitly
         with the standard math so they can be read and edited. This is the only case that replaces
         a processor, and only at the sites that asked for probabilities.
@@ -69,6 +74,7 @@ __all__ = [
     "trace",
     "sites",
     "select_sites",
+    "is_shorthand",
     "active_hooks",
     "remove_all_hooks",
     "scale_tokens",
@@ -76,6 +82,8 @@ __all__ = [
 
 ATTENTION_WHATS = ("q", "k", "v", "probs", "output")
 BLOCK_WHATS = ("output",)
+UNET_WHATS = ("input", "output")
+_WHATS_OF_KIND = {"self": ATTENTION_WHATS, "cross": ATTENTION_WHATS, "block": BLOCK_WHATS, "unet": UNET_WHATS}
 _WHAT_ALIASES = {"query": "q", "key": "k", "value": "v", "out": "output", "features": "output"}
 CFG_PARTS = ("cond", "uncond", "both")
 GUIDANCE_MODES = ("auto", "batched", "split", "none")
@@ -108,14 +116,14 @@ class Site:
     """
 
     name: str
-    kind: str  # "self", "cross" or "block"
-    place: str  # "down", "mid" or "up"
+    kind: str  # "self", "cross", "block" or "unet"
+    place: str  # "down", "mid", "up"; "unet" for the unet site
     level: int
     module: torch.nn.Module = field(compare=False, repr=False)
 
     @property
     def is_attention(self) -> bool:
-        return self.kind != "block"
+        return self.kind in ("self", "cross")
 
     def spatial_size(self, latent_size: tuple[int, int]) -> tuple[int, int]:
         height, width = latent_size
@@ -134,19 +142,20 @@ def _unet_of(model) -> torch.nn.Module:
     return unet
 
 
-def sites(model) -> list[Site]:
+def sites(model, *, unet: bool = False) -> list[Site]:
     """Every attention module and every block of the UNet, in execution order.
 
     `model` is a pipeline or a UNet. Inside each block the attention sites come first, then the
-    block site itself (whose output is what the block returns).
+    block site itself (whose output is what the block returns). unet=True puts the "unet" site
+    (the UNet call) first.
     """
-    unet = _unet_of(model)
-    blocks = [("down", f"down_blocks.{i}", block) for i, block in enumerate(unet.down_blocks)]
-    if getattr(unet, "mid_block", None) is not None:
-        blocks.append(("mid", "mid_block", unet.mid_block))
-    blocks += [("up", f"up_blocks.{i}", block) for i, block in enumerate(unet.up_blocks)]
+    unet_module = _unet_of(model)
+    blocks = [("down", f"down_blocks.{i}", block) for i, block in enumerate(unet_module.down_blocks)]
+    if getattr(unet_module, "mid_block", None) is not None:
+        blocks.append(("mid", "mid_block", unet_module.mid_block))
+    blocks += [("up", f"up_blocks.{i}", block) for i, block in enumerate(unet_module.up_blocks)]
 
-    found = []
+    found = [Site("unet", "unet", "unet", 0, unet_module)] if unet else []
     level = 0
     for place, block_name, block in blocks:
         for sub_name, module in block.named_modules():
@@ -171,12 +180,14 @@ _SELECTOR_HELP = (
     "(searched in names), a list of selectors, a predicate on Site, or shorthand words that all must "
     "hold: cross, self, attention, blocks, down, mid, up, levelN, HxW (query size in this run, e.g. "
     "'cross up 16x16'; shorthands pick attention sites unless 'blocks' is one of the words). "
-    "lab.sites(pipe) lists every site."
+    "'unet' (the UNet call) is picked by its exact name only. lab.sites(pipe) lists every site."
 )
 
 
-def _is_shorthand_word(word: str) -> bool:
-    return word in SHORTHAND_WORDS or bool(_RESOLUTION_WORD.match(word) or _LEVEL_WORD.match(word))
+def is_shorthand(selector) -> bool:
+    """True when `selector` is a string of shorthand words only ("cross up 16x16")."""
+    words = selector.split() if isinstance(selector, str) else []
+    return bool(words) and all(w in SHORTHAND_WORDS or _RESOLUTION_WORD.match(w) or _LEVEL_WORD.match(w) for w in words)
 
 
 def _needs_latent_size(selector) -> bool:
@@ -216,28 +227,29 @@ def _select(all_sites: list[Site], selector, latent_size) -> list[Site]:
             raise ValueError("empty list of sites")
         chosen = {site.name for part in selector for site in _select(all_sites, part, latent_size)}
         return [site for site in all_sites if site.name in chosen]
+    pool = [site for site in all_sites if site.kind != "unet"]  # only its exact name picks the UNet call
     if isinstance(selector, re.Pattern):
-        matched = [site for site in all_sites if selector.search(site.name)]
+        matched = [site for site in pool if selector.search(site.name)]
         what = f"regex {selector.pattern!r}"
     elif callable(selector):
-        matched = [site for site in all_sites if selector(site)]
+        matched = [site for site in pool if selector(site)]
         what = f"predicate {getattr(selector, '__name__', selector)!r}"
     elif not isinstance(selector, str):
         raise TypeError(f"cannot select sites with a {type(selector).__name__}. {_SELECTOR_HELP}")
     elif selector.startswith("re:"):
         return _select(all_sites, re.compile(selector[3:]), latent_size)
-    elif selector.split() and all(_is_shorthand_word(word) for word in selector.split()):
+    elif is_shorthand(selector):
         words = selector.split()
-        matched = [site for site in all_sites if _shorthand_matches(site, words, latent_size)]
+        matched = [site for site in pool if _shorthand_matches(site, words, latent_size)]
         what = f"shorthand {selector!r}"
         if not matched and latent_size is not None:
-            sizes = sorted({"%dx%d" % s.spatial_size(latent_size) for s in all_sites if s.is_attention})
+            sizes = sorted({"%dx%d" % s.spatial_size(latent_size) for s in pool if s.is_attention})
             raise ValueError(
                 f"{what} matches no site (latent {latent_size[0]}x{latent_size[1]}: attention sites have "
                 f"queries of {', '.join(sizes)}). {_SELECTOR_HELP}"
             )
     elif any(char in selector for char in "*?["):
-        matched = [site for site in all_sites if fnmatch.fnmatchcase(site.name, selector)]
+        matched = [site for site in pool if fnmatch.fnmatchcase(site.name, selector)]
         what = f"glob {selector!r}"
     else:
         matched = [site for site in all_sites if site.name == selector]
@@ -251,11 +263,17 @@ def _select(all_sites: list[Site], selector, latent_size) -> list[Site]:
     return matched
 
 
-def select_sites(model, selector, latent_size: tuple[int, int] | None = None) -> list[Site]:
-    """The sites of `model` that `selector` picks (see _SELECTOR_HELP). Resolutions need `latent_size`."""
+def select_sites(model_or_sites, selector, latent_size: tuple[int, int] | None = None) -> list[Site]:
+    """The sites that `selector` picks (see _SELECTOR_HELP), in order. Resolutions need `latent_size`.
+
+    `model_or_sites` is a pipeline or a UNet (its sites, "unet" included), or a list of `Site`
+    records, which need no module: e.g. the sites a saved run recorded, long after the model is gone.
+    """
     if latent_size is None and _needs_latent_size(selector):
         raise ValueError(f"selector {selector!r} names a resolution: pass latent_size=(height, width)")
-    return _select(sites(model), selector, latent_size)
+    if isinstance(model_or_sites, (list, tuple)) and all(isinstance(site, Site) for site in model_or_sites):
+        return _select(list(model_or_sites), selector, latent_size)
+    return _select(sites(model_or_sites, unet=True), selector, latent_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,7 +296,7 @@ class StepContext:
     part       What this call holds: "both" (batched), "uncond" or "cond" (split, or "cond" when
                there is no guidance).
     uncond, cond  Slices of this call's batch rows; an empty slice when the call has no such rows.
-    size       (height, width) of the site's queries (attention sites) or output (block sites).
+    size       (height, width) of the site's queries (attention sites), output (block sites) or latent (unet).
     """
 
     step: int
@@ -344,7 +362,7 @@ def _layout(site: Site, what: str, size: tuple[int, int], ndim: int = 3) -> _Lay
         return _Layout(1, (2,) if spatial_keys else (), False, size)
     if site.is_attention and ndim == 3:
         return _Layout(None, (1,), False, size)
-    return _Layout(None, (), True, size)  # block output, or attention output on a 4-D input
+    return _Layout(None, (), True, size)  # block or unet tensors, or attention output on a 4-D input
 
 
 def _downsampled(size: tuple[int, int], factor: int) -> tuple[int, int]:
@@ -500,8 +518,9 @@ class Stack(Reducer):
 
 def _canonical_what(what: str) -> str:
     what = _WHAT_ALIASES.get(what, what)
-    if what not in ATTENTION_WHATS:
-        raise ValueError(f"unknown tensor {what!r}: choose one of {ATTENTION_WHATS} (block sites: 'output')")
+    if what not in ATTENTION_WHATS + UNET_WHATS:
+        raise ValueError(f"unknown tensor {what!r}: choose one of {ATTENTION_WHATS} (block sites: 'output'; "
+                         f"the 'unet' site: {UNET_WHATS})")
     return what
 
 
@@ -564,7 +583,9 @@ class Capture(_Hook):
     """Accumulates one tensor per site through a reducer. Read it with result() or capture[site_name].
 
     Captures accumulate over every UNet call of the trace they belong to (all generations run
-    inside the `with` block); reset() starts over.
+    inside the `with` block); reset() starts over. `contexts` holds the StepContext (without site)
+    of each UNet call folded in, in order: with Stack, entry i of every site's tensor is contexts[i]
+    (split guidance with cfg="both": the step's second call).
     """
 
     def __init__(self, trace, selector, what, reduce: Reducer, steps, cfg, device, detach):
@@ -578,6 +599,7 @@ class Capture(_Hook):
         self._states: dict[str, Any] = {}
         self._pending: dict[str, tuple[float, str, torch.Tensor]] = {}  # split guidance: first call of a step
         self._first_call: int | None = None  # StepContext.call of the first call recorded
+        self.contexts: list[StepContext] = []
 
     def __repr__(self):
         return f"capture {self._where()} with {self.reduce!r}, cfg={self.cfg!r}, steps={self.steps!r}"
@@ -602,6 +624,8 @@ class Capture(_Hook):
             _, first_part, first = pending
             x = torch.cat([first, x] if first_part == "uncond" else [x, first])
         self._states[site.name] = self.reduce.update(self._states.get(site.name), x)
+        if not self.contexts or self.contexts[-1].call != ctx.call:
+            self.contexts.append(dataclasses.replace(ctx, site=None, size=None))
 
     def result(self) -> dict[str, Any]:
         """{site name: tensor} (TopK: {site name: (values, indices)}), in execution order."""
@@ -630,6 +654,7 @@ class Capture(_Hook):
         self._states.clear()
         self._pending.clear()
         self.sizes.clear()
+        self.contexts.clear()
         self._first_call = None
 
 
@@ -756,6 +781,28 @@ class _UnetCallHook(_LabHook):
         self.trace._begin_unet_call(sample, timestep, encoder_hidden_states)
 
 
+class _UnetTensorHook(_LabHook):
+    """The "unet" site: forward pre-hook (with kwargs) for "input", forward hook for "output"."""
+
+    def __init__(self, trace: "Trace", site: Site, what: str):
+        self.trace, self.site, self.what = trace, site, what
+
+    def __call__(self, unet, args, kwargs_or_output):
+        if self.what == "input":
+            kwargs = kwargs_or_output
+            sample = kwargs["sample"] if "sample" in kwargs else args[0]
+            edited = self.trace._dispatch(self.site, "input", sample)
+            if edited is sample:
+                return None
+            return (args, {**kwargs, "sample": edited}) if "sample" in kwargs else ((edited, *args[1:]), kwargs)
+        output = kwargs_or_output  # (sample,) with return_dict=False, else UNet2DConditionOutput
+        prediction = output[0] if isinstance(output, tuple) else output.sample
+        edited = self.trace._dispatch(self.site, "output", prediction)
+        if edited is prediction:
+            return None
+        return (edited, *output[1:]) if isinstance(output, tuple) else type(output)(**{**output, "sample": edited})
+
+
 class _SiteTensorHook(_LabHook):
     """Forward hook on attn.to_q/to_k/to_v, on an Attention module or on a block."""
 
@@ -816,6 +863,8 @@ def _hook_shape(site: Site, what: str, batch: int, latent_size, tokens: int) -> 
     """Shape of the tensor a hook sees at `site` for `batch` rows (static: from the module's sizes)."""
     height, width = site.spatial_size(latent_size)
     queries = height * width
+    if site.kind == "unet":
+        return (batch, site.module.config.in_channels if what == "input" else site.module.config.out_channels, height, width)
     if not site.is_attention:
         return (batch, site.module.resnets[-1].out_channels, height, width)
     attn = site.module
@@ -838,7 +887,7 @@ def _narrowing_advice(capture: Capture) -> str:
         tips.append(f"downsample the maps: reduce=lab.{type(reduce).__name__}(..., downsample=4)")
     if capture.cfg == "both":
         tips.append("keep one guidance half: cfg='cond'")
-    if capture.what != "output" and "heads" not in reduce.over:
+    if capture.what in ("q", "k", "v", "probs") and "heads" not in reduce.over:
         tips.append("average over heads: over=(..., 'heads')")
     if "batch" not in reduce.over:
         tips.append("average over the batch: over=(..., 'batch')")
@@ -887,7 +936,7 @@ class Trace:
         self.guidance = guidance
         self.uncond_first = uncond_first
         self.memory_limit = memory_limit
-        self.all_sites = sites(self.unet)
+        self.all_sites = sites(self.unet, unet=True)
         self.sites_by_name = {site.name: site for site in self.all_sites}
         self._hooks: list[_Hook] = []
         self._hooks_at: dict[tuple[str, str], list[_Hook]] = {}  # (site, what) -> edits, then captures
@@ -962,8 +1011,8 @@ class Trace:
         detach  False keeps the autograd graph (e.g. to optimise latents through attention maps).
         """
         capture = Capture(self, sites, what, reduce if reduce is not None else Mean(), steps, cfg, device, detach)
-        if capture.what == "output" and {"heads"} & set(capture.reduce.over):
-            raise ValueError("'output' has no heads axis: drop 'heads' from over")
+        if capture.what in UNET_WHATS and "heads" in capture.reduce.over:
+            raise ValueError(f"{capture.what!r} has no heads axis: drop 'heads' from over")
         self._register(capture)
         return capture
 
@@ -992,9 +1041,10 @@ class Trace:
             raise
 
     def _check_sites(self, hook: _Hook, chosen: list[Site]) -> None:
-        blocks = [site.name for site in chosen if not site.is_attention]
-        if blocks and hook.what not in BLOCK_WHATS:
-            raise ValueError(f"{hook.what!r} exists only at attention sites; these are blocks: {', '.join(blocks)} (blocks have 'output')")
+        missing = [site.name for site in chosen if hook.what not in _WHATS_OF_KIND[site.kind]]
+        if missing:
+            raise ValueError(f"{hook.what!r} does not exist at {', '.join(missing)} (attention sites have "
+                             f"{ATTENTION_WHATS}, blocks {BLOCK_WHATS}, the 'unet' site {UNET_WHATS})")
         problems = [
             f"{site.name} {reason}"
             for site in chosen
@@ -1035,6 +1085,12 @@ class Trace:
             original = attn.processor
             attn.set_processor(ExplicitAttnProcessor(original, lambda probs: self._dispatch(site, "probs", probs), owner=self))
             self._installed[key] = original
+            return
+        if site.kind == "unet":
+            hook = _UnetTensorHook(self, site, what)
+            # The trace's own pre-hook (step bookkeeping) was registered first, so it runs first.
+            self._installed[key] = (site.module.register_forward_pre_hook(hook, with_kwargs=True) if what == "input"
+                                    else site.module.register_forward_hook(hook))
             return
         module = getattr(site.module, {"q": "to_q", "k": "to_k", "v": "to_v"}[what]) if what in ("q", "k", "v") else site.module
         self._installed[key] = module.register_forward_hook(_SiteTensorHook(self, site, what))

@@ -226,6 +226,35 @@ def test_every_kind_of_layer_selector(run):
         n for n in run.site_groups["all"] if n in run.site_groups["mid"] + run.site_groups["down"])
 
 
+def test_layer_selectors_on_a_loaded_run_are_lab_selectors(run, tmp_path):
+    loaded = lab.daam.AttributionRun.load(run.save(tmp_path / "run"))  # no pipeline
+    groups = run.site_groups
+    cases = {
+        "up 8x8": [n for n in groups["up"] if n in groups["8x8"]],
+        "cross level1": groups["4x4"],
+        "all": groups["all"],
+        ("mid", "re:^down"): [n for n in groups["all"] if n in groups["mid"] + groups["down"]],
+        (run.sites[groups["mid"][0]],): groups["mid"][:1],
+    }
+    for selector, expected in cases.items():
+        selector = list(selector) if isinstance(selector, tuple) else selector
+        assert loaded.heat_map("horse", sites=selector).sites == tuple(expected), selector
+        assert run.heat_map("horse", sites=selector).sites == tuple(expected), selector
+    # The names lab resolves are the recorded layers of the asked kind only.
+    assert loaded.self_attention_map(3, 4, sites="8x8").sites == tuple(loaded.self_attention_site_groups["8x8"])
+    with pytest.raises(ValueError, match="picks none of the recorded cross-attention layers.*Valid groups"):
+        loaded.heat_map("horse", sites="self")
+
+
+def test_recording_touches_the_unet_only_through_lab_hooks(sd1):
+    with lab.daam.trace(sd1, per_step=True) as recording:
+        hooks = [hook for module in sd1.unet.modules()
+                 for hook in [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]]
+        assert hooks and all(getattr(hook, "lab_hook", False) for hook in hooks)
+        sd1(PROMPT, num_inference_steps=2, height=64, width=64, output_type="latent")
+    assert recording.result(PROMPT).num_steps == 2
+
+
 @pytest.mark.parametrize("kwargs,error,message", [
     (dict(sites="16x16"), ValueError, "Valid groups: all, 8x8, 4x4, down, mid, up"),
     (dict(sites="down_blocks.0.attentions.0.transformer_blocks.0.attn1"), ValueError, "Valid groups"),

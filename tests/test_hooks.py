@@ -111,6 +111,100 @@ def test_unknown_selectors_are_clear_errors(sd1):
         lab.select_sites(sd1, [])
 
 
+def test_unet_site_is_picked_only_by_its_exact_name(sd1):
+    names = [s.name for s in lab.sites(sd1)]
+    assert "unet" not in names and [s.name for s in lab.sites(sd1, unet=True)] == ["unet"] + names
+    assert lab.select_sites(sd1, "unet") == [lab.Site("unet", "unet", "unet", 0, sd1.unet)]
+    assert lab.select_sites(sd1, "unet")[0].module is sd1.unet and not lab.select_sites(sd1, "unet")[0].is_attention
+    for selector in ("*", "re:.*", re.compile("unet|blocks"), lambda s: True, "attention", "blocks", "level0", "blocks 8x8"):
+        picked = [s.name for s in lab.select_sites(sd1, selector, latent_size=(8, 8))]
+        assert "unet" not in picked, selector
+    assert [s.name for s in lab.select_sites(sd1, ["unet", "mid_block"])] == ["unet", "mid_block"]
+
+
+def test_select_sites_on_a_list_of_site_records_without_a_model(sd1):
+    records = [lab.Site(s.name, s.kind, s.place, s.level, None) for s in lab.sites(sd1, unet=True)]
+    for selector, latent_size in [("cross up", None), ("self 4x4", (8, 8)), ("level1", None), ("up_blocks.1.*", None),
+                                  ("re:attn2$", None), (["mid", "blocks"], None), ("unet", None), (CROSS_UP, None),
+                                  (lambda s: s.level == 0, None)]:
+        from_model = [s.name for s in lab.select_sites(sd1, selector, latent_size=latent_size)]
+        assert [s.name for s in lab.select_sites(records, selector, latent_size=latent_size)] == from_model, selector
+    cross = [r for r in records if r.kind == "cross"]
+    assert [s.name for s in lab.select_sites(cross, "8x8", latent_size=(8, 8))] == [s.name for s in cross if s.level == 0]
+    with pytest.raises(ValueError, match="shorthand 'self' matches no site"):
+        lab.select_sites(cross, "self")
+    with pytest.raises(ValueError, match="latent_size"):
+        lab.select_sites(cross, "8x8")
+
+
+def test_unet_site_captures_the_denoising_step(sd1, restored):
+    check = restored(sd1)
+    with lab.trace(sd1) as tr:
+        inputs = tr.capture("unet", "input", reduce=lab.Stack(), cfg="both")
+        outputs = tr.capture("unet", "output", reduce=lab.Stack(), cfg="both")
+        cond = tr.capture("unet", "output", reduce=lab.Stack(), cfg="cond")
+        mean = tr.capture("unet", "output", reduce=lab.Mean(over=("steps", "batch")), cfg="uncond")
+        estimate = tr.estimate(latent_size=(8, 12), batch=2, steps=3)
+        final = generate(sd1, ["a cat", "a dog"], steps=3, width=96)
+    check()
+    x, eps = inputs["unet"], outputs["unet"]
+    assert x.shape == eps.shape == (3, 4, 4, 8, 12)  # steps, [uncond, cond] x 2 images, latent channels, h, w
+    assert [c.step for c in inputs.contexts] == [0, 1, 2] and inputs.contexts[0].site is None
+    assert [c.timestep for c in inputs.contexts] == [float(t) for t in sd1.scheduler.timesteps]
+    torch.testing.assert_close(cond["unet"], eps[:, 2:])
+    torch.testing.assert_close(mean["unet"], eps[:, :2].mean(dim=(0, 1)))
+    assert torch.equal(x[:, :2], x[:, 2:])  # both CFG halves get the same x_t
+    assert [n for _, n in estimate.per_capture] == [c.nbytes() for c in (inputs, outputs, cond, mean)]
+    # The input of step i + 1 is the scheduler's step from the input and guided output of step i.
+    scheduler = sd1.scheduler
+    for i, t in enumerate(scheduler.timesteps):
+        uncond, text = eps[i].chunk(2)
+        following = scheduler.step(uncond + sd1.guidance_scale * (text - uncond), t, x[i, 2:]).prev_sample
+        torch.testing.assert_close(following, x[i + 1, 2:] if i + 1 < len(x) else final, rtol=1e-4, atol=1e-5)
+
+
+def test_unet_site_edits_input_and_output(sd1, restored):
+    check = restored(sd1)
+    plain = generate(sd1, steps=2)
+    with lab.trace(sd1) as tr:
+        tr.edit("unet", "input", lambda x, ctx: x)
+        tr.edit("unet", "output", lambda e, ctx: e)
+        assert torch.equal(generate(sd1, steps=2), plain)
+    with lab.trace(sd1) as tr:
+        tr.edit("unet", "input", lambda x, ctx: x * 0, steps=[1])
+        seen = tr.capture("unet", "input", reduce=lab.Stack(), cfg="both")
+        zeroed = generate(sd1, steps=2)
+    assert seen["unet"][1].abs().max() == 0 and seen["unet"][0].abs().max() > 0
+    assert not torch.equal(zeroed, plain)
+    with lab.trace(sd1.unet, guidance="batched") as tr:
+        tr.edit("unet", "output", lambda e, ctx: e * 0, cfg="uncond")
+        with torch.no_grad():  # return_dict=True: the edited output keeps its class
+            out = sd1.unet(torch.ones(2, 4, 8, 8), 10, encoder_hidden_states=torch.zeros(2, 77, 32))
+    assert type(out).__name__ == "UNet2DConditionOutput"
+    assert out.sample[0].abs().max() == 0 and out[0][1].abs().max() > 0
+    with pytest.raises(ZeroDivisionError):
+        with lab.trace(sd1) as tr:
+            tr.edit("unet", "output", lambda e, ctx: e / 0 if ctx.step == 1 else e)
+            tr.edit("unet", "input", lambda x, ctx: 1 / 0 if ctx.step == 1 else x)
+            generate(sd1, steps=3)
+    check()
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda tr: tr.capture("unet", "probs"), r"'probs' does not exist at unet"),
+    (lambda tr: tr.capture("cross", "input"), r"'input' does not exist at down_blocks"),
+    (lambda tr: tr.capture("blocks", "q"), r"'q' does not exist at down_blocks.0, "),
+    (lambda tr: tr.capture("unet", "output", reduce=lab.Mean(over=("steps", "heads"))), "no heads axis"),
+])
+def test_unet_site_bad_requests_change_nothing(sd1, restored, call, message):
+    check = restored(sd1)
+    with lab.trace(sd1) as tr:
+        with pytest.raises(ValueError, match=message):
+            call(tr)
+        assert tr.describe() == []
+    check()
+
+
 # ---------------------------------------------------------------------------------------------
 # Captures: values
 # ---------------------------------------------------------------------------------------------
@@ -265,11 +359,14 @@ def test_img2img_steps_index_the_full_schedule(sd1):
     with lab.trace(img2img) as tr:
         tr.edit(CROSS_UP, "output", _recording_edit(log))
         probs = tr.capture("cross", "probs", reduce=lab.Stack())
+        latents = tr.capture("unet", "input", reduce=lab.Stack())
         img2img(PROMPT, image=image, strength=0.5, num_inference_steps=10, output_type="latent")
-    assert [c.step for c in log] == [5, 6, 7, 8, 9]
+    assert [c.step for c in log] == [5, 6, 7, 8, 9]  # the index in the full 10-step schedule
     assert [c.run_step for c in log] == [0, 1, 2, 3, 4]
     assert log[0].num_steps == 10
-    assert probs[CROSS_UP].shape == (5, 1, 2, 64, 77)
+    assert [c.timestep for c in log] == [float(t) for t in img2img.scheduler.timesteps[5:]]
+    assert [c.step for c in probs.contexts] == [c.step for c in latents.contexts] == [5, 6, 7, 8, 9]
+    assert probs[CROSS_UP].shape == (5, 1, 2, 64, 77) and latents["unet"].shape == (5, 1, 4, 8, 8)
 
 
 def _manual_loop(unet, scheduler, latents, uncond, cond, steps, split, guidance_scale=5.0):
@@ -550,7 +647,7 @@ def test_unsupported_processor_is_refused_with_nothing_applied(sd1, restored):
     "call, error, message",
     [
         (lambda tr: tr.capture("cross", "attention_map"), ValueError, "unknown tensor 'attention_map'"),
-        (lambda tr: tr.capture("mid_block", "probs"), ValueError, "these are blocks: mid_block"),
+        (lambda tr: tr.capture("mid_block", "probs"), ValueError, "'probs' does not exist at mid_block"),
         (lambda tr: tr.capture("blocks", "output", reduce=lab.Mean(over=("steps", "heads"))), ValueError, "no heads"),
         (lambda tr: tr.capture("cross", "probs", cfg="conditional"), ValueError, "cfg must be one of"),
         (lambda tr: tr.capture("cross", "probs", steps="all"), TypeError, "steps must be"),
