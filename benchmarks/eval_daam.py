@@ -20,7 +20,7 @@ Protocol
         relation   "left", "right", "above", "below"   -> the union of both objects' masks (a relation
                    word is about the pair; reported on its own row, not mixed into object words)
     Repeated words ("a red circle left of a red square") are scored per occurrence (lab.token_indices).
-    Score: IoU between the heat map thresholded at tau * max (DAAM's mask; tau = 0.4 in the paper)
+    Score: IoU between the min-max normalised heat map thresholded at tau (DAAM's mask; tau = 0.4 in the paper)
     and the truth mask, averaged over (image, word) pairs of each class = mIoU. "Best tau" is the
     threshold of a 0.05..0.95 sweep that maximises the class's mIoU on these same images: an oracle,
     optimistic by construction, reported to separate map quality from threshold choice.
@@ -108,10 +108,10 @@ def words_to_score(prompt: str, image) -> tuple[list[dict], dict[str, int]]:
 
 
 def iou_per_threshold(normalized: np.ndarray, truth: np.ndarray) -> list[float]:
-    """IoU of (normalized >= tau) with the truth mask, for every tau of THRESHOLDS."""
+    """IoU of (normalized > tau) with the truth mask, for every tau of THRESHOLDS."""
     scores = []
     for tau in THRESHOLDS:
-        predicted = normalized >= tau
+        predicted = normalized > tau
         union = np.logical_or(predicted, truth).sum()
         scores.append(float(np.logical_and(predicted, truth).sum() / union) if union else 0.0)
     return scores
@@ -122,7 +122,7 @@ def gaussian_blob(size: tuple[int, int]) -> np.ndarray:
     y, x = np.mgrid[0:height, 0:width]
     sigma = min(height, width) / 4
     blob = np.exp(-(((x + 0.5 - width / 2) ** 2 + (y + 0.5 - height / 2) ** 2) / (2 * sigma**2)))
-    return (blob / blob.max()).astype(np.float32)
+    return ((blob - blob.min()) / (blob.max() - blob.min())).astype(np.float32)
 
 
 def thirds(num_steps: int) -> dict[str, range]:

@@ -23,9 +23,10 @@ DAAM  (Tang et al., "What the DAAM: Interpreting Stable Diffusion Using Cross At
         D_k = sum over t, l, h of  upsample(F[t, l, h][:, k])
 
     A word the tokenizer splits into several tokens gets the mean of its tokens' maps. The paper
-    segments a word by thresholding the map normalised by its maximum at tau = 0.4:
+    segments a word by min-max normalising the map to [0, 1] (as its reference code does) and
+    thresholding at tau = 0.4:
 
-        mask_k = D_k >= tau * max(D_k)
+        mask_k = (D_k - min D_k) / (max D_k - min D_k) > tau
 
     Defaults follow the paper: all steps, all cross-attention layers, all heads, and the
     conditional half of classifier-free guidance. `HeatMap.values` is the paper's sum divided by
@@ -138,13 +139,14 @@ class HeatMap:
                 f"{len(self.sites)} layers, {heads}>")
 
     def normalized(self) -> np.ndarray:
-        """values / max(values), in [0, 1] (all zeros if the map is zero everywhere)."""
-        peak = float(self.values.max())
-        return self.values / peak if peak > 0 else np.zeros_like(self.values)
+        """Min-max normalised to [0, 1], as DAAM's reference code does before thresholding (a weak,
+        diffuse map still spans [0, 1]); all zeros if the map is constant."""
+        low, high = float(self.values.min()), float(self.values.max())
+        return (self.values - low) / (high - low) if high > low else np.zeros_like(self.values)
 
     def mask(self, threshold: float = PAPER_THRESHOLD) -> np.ndarray:
-        """The paper's segmentation: normalized() >= threshold (bool, height x width)."""
-        return self.normalized() >= threshold
+        """The paper's segmentation: normalized() > threshold (bool, height x width)."""
+        return self.normalized() > threshold
 
     def peak(self) -> tuple[int, int]:
         """(x, y) of the largest value."""
