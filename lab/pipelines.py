@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -22,6 +23,7 @@ def load_pipeline(name_or_path: str | Path | None = None, device: str | torch.de
       `from_pretrained` (e.g. `variant="fp16"`).
     """
     from diffusers import DiffusionPipeline
+    from diffusers.pipelines import pipeline_utils
 
     source = EMBEDDED_MODEL if name_or_path is None else name_or_path
     if name_or_path is None and not (EMBEDDED_MODEL / "model_index.json").exists():
@@ -33,7 +35,12 @@ def load_pipeline(name_or_path: str | Path | None = None, device: str | torch.de
         if "safety_checker" in index:  # the embedded model and many local copies have none
             kwargs.setdefault("safety_checker", None)
             kwargs.setdefault("requires_safety_checker", False)
-    pipe = DiffusionPipeline.from_pretrained(str(source), torch_dtype=dtype, **kwargs)
+    # Newer diffusers call the argument `dtype` and warn about `torch_dtype`; older ones know only the latter.
+    dtype_argument = "dtype" if "_resolve_dtype" in vars(pipeline_utils) else "torch_dtype"
+    kwargs.setdefault(dtype_argument, dtype)
+    if importlib.util.find_spec("accelerate") is None:
+        kwargs.setdefault("low_cpu_mem_usage", False)  # what diffusers falls back to anyway, without the warning
+    pipe = DiffusionPipeline.from_pretrained(str(source), **kwargs)
     pipe.to(device)
     if name_or_path is None:
         pipe.set_progress_bar_config(leave=False)
