@@ -52,9 +52,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def build_pipeline(model: str):
-    import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     import lab
     import lab.pipelines
@@ -63,21 +60,7 @@ def build_pipeline(model: str):
         return lab.testing.tiny_sd1_pipeline(), 64
     if model == "tinyworld":
         return lab.pipelines.load_pipeline(), 64
-    # SD-1.5-sized UNet; a one-layer text encoder with SD-1.5's 768-d output keeps set-up cheap.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=256, num_hidden_layers=1,
-                           num_attention_heads=12, max_position_embeddings=77, bos_token_id=49406,
-                           eos_token_id=49407, pad_token_id=49407)
-        ).eval()
-    tiny = lab.testing.tiny_sd1_pipeline()
-    pipe = StableDiffusionPipeline(
-        vae=tiny.vae, text_encoder=text_encoder, tokenizer=tiny.tokenizer, unet=lab.testing.sd15_sized_unet(),
-        scheduler=DDIMScheduler.from_config(tiny.scheduler.config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )
-    return pipe, 256
+    return lab.testing.sd15_sized_pipeline(), 256
 
 
 def generate(pipe, size: int, steps: int, config: str):

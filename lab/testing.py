@@ -225,3 +225,22 @@ def sd15_sized_unet(seed: int = 0, dtype: torch.dtype = torch.float32) -> UNet2D
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)
     return unet.to(dtype).eval()
+
+
+def sd15_sized_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """`sd15_sized_unet` in a pipeline: the tiny VAE and a one-layer text encoder with SD-1.5's 768-d
+    output keep set-up cheap (benchmarks: the UNet is what costs)."""
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=256, num_hidden_layers=1,
+                           num_attention_heads=12, max_position_embeddings=77, bos_token_id=49406,
+                           eos_token_id=49407, pad_token_id=49407)
+        ).eval()
+    tiny = tiny_sd1_pipeline(seed)
+    return StableDiffusionPipeline(
+        vae=tiny.vae, text_encoder=text_encoder, tokenizer=tiny.tokenizer, unet=sd15_sized_unet(seed),
+        scheduler=DDIMScheduler.from_config(tiny.scheduler.config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
