@@ -35,7 +35,6 @@ Threads: --threads (default 1) torch threads per worker; see bench_hooks.py for 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -44,6 +43,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from peak_memory import measure_peak_rss
 
 PROMPT = "a red circle left of a blue square"
 WORD = "circle"
@@ -125,13 +126,6 @@ def map_latency(run) -> dict:
     return result
 
 
-def _status_kb(field: str) -> int | None:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return None
-
-
 def worker_time(model: str, steps: int, rounds: int) -> dict:
     pipe, size = build_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
@@ -155,21 +149,10 @@ def worker_time(model: str, steps: int, rounds: int) -> dict:
 
 
 def worker_memory(model: str, steps: int, config: str) -> dict:
-    import resource
-
     pipe, size = build_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
-    gc.collect()
-    rss_before_kb = _status_kb("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
-        source = "VmHWM after clear_refs"
-    except OSError:
-        source = "ru_maxrss (includes set-up)"
-    generate(pipe, size, steps, config)
-    peak_kb = _status_kb("VmHWM") if source.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_over_start_mb": (peak_kb - rss_before_kb) / 1024, "source": source}
+    memory, _ = measure_peak_rss(lambda: generate(pipe, size, steps, config))
+    return {"peak_over_start_mb": memory["peak_over_start_mb"], "source": memory["source"]}
 
 
 def run_worker(threads: int, *args) -> dict:

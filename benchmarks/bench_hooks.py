@@ -38,7 +38,6 @@ Without it the amd_* configurations are skipped. All workers run under that inte
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -48,6 +47,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from peak_memory import measure_peak_rss
 
 HERE = Path(__file__).resolve().parent
 MODES = ["plain", "idle", "cross_mean", "self_ds4", "amd_exact", "amd_fast"]
@@ -106,13 +107,6 @@ def generate(pipe, size: int, steps: int, mode: str) -> dict:
 def _nbytes(record) -> int:
     data = getattr(record, "data", None)
     return data.numel() * data.element_size() if data is not None else 0
-
-
-def _status_kb(field: str) -> int | None:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return None
 
 
 class AttentionTimer:
@@ -255,22 +249,10 @@ def worker_sites(model: str, passes: int) -> dict:
 
 
 def worker_memory(model: str, steps: int, mode: str) -> dict:
-    import resource
-
     pipe, size = build_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
-    gc.collect()
-    rss_before_kb = _status_kb("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak-RSS mark (VmHWM) to the current RSS
-        source = "VmHWM after clear_refs"
-    except OSError:
-        source = "ru_maxrss (includes set-up)"
-    result = generate(pipe, size, steps, mode)
-    peak_kb = _status_kb("VmHWM") if source.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"rss_before_mb": rss_before_kb / 1024, "peak_mb": peak_kb / 1024,
-            "peak_over_start_mb": (peak_kb - rss_before_kb) / 1024, "source": source, **result}
+    memory, result = measure_peak_rss(lambda: generate(pipe, size, steps, mode))
+    return {**memory, **result}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .judge import judge_rendered, parse_prompt, score_prompt
-from .world import COLORS, RELATIONS, SHAPES, TEXTURES, fixed_caption, render, sample_scene
+from .world import COLORS, RELATIONS, SHAPES, TEXTURES, render, sample_scene
 
 EVAL_SEED = 10_000_000
 JUDGE_SPLIT = range(EVAL_SEED, EVAL_SEED + 500)

@@ -178,25 +178,18 @@ def read_image(image) -> Reading:
 # ----------------------------------------------------------------------------- matching and scoring
 
 def match(expected: list[WorldObject], found: list[Detection]) -> list[Detection | None]:
-    """For each expected object, the detection that best agrees with it (greedy on attribute agreement,
-    then distance); each detection used once. Positions matter only when the expected object has one."""
+    """For each expected object, in order, the remaining detection that best agrees with it: most
+    attributes in common (shape, colour), then nearest. Each detection is used once."""
     remaining = list(found)
     out: list[Detection | None] = []
-    order = sorted(range(len(expected)), key=lambda i: 0)
-    assigned: dict[int, Detection | None] = {}
-    for i in order:
-        e = expected[i]
+    for e in expected:
         if not remaining:
-            assigned[i] = None
+            out.append(None)
             continue
-
-        def agreement(d: Detection) -> tuple:
-            return ((d.shape == e.shape) + (d.color == e.color), -float(np.hypot(d.cx - e.cx, d.cy - e.cy)))
-        best = max(remaining, key=agreement)
-        assigned[i] = best
+        best = max(remaining, key=lambda d: ((d.shape == e.shape) + (d.color == e.color),
+                                             -float(np.hypot(d.cx - e.cx, d.cy - e.cy))))
+        out.append(best)
         remaining.remove(best)
-    for i in range(len(expected)):
-        out.append(assigned[i])
     return out
 
 
