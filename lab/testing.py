@@ -20,7 +20,6 @@ The weights are random: images are noise. These pipelines exist to exercise code
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from diffusers import (
@@ -32,9 +31,10 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-TOKENIZER_DIR = Path(__file__).parent / "tokenizer"
+from lab.tokens import TOKENIZER_DIR, clip_tokenizer
+
 CLIP_VOCAB_SIZE = 49408
 # Image size that gives the tiny UNets their native 8x8 latent.
 TINY_IMAGE_SIZE = 64
@@ -50,12 +50,6 @@ __all__ = [
     "sd15_sized_unet",
 ]
 
-
-def clip_tokenizer(pad_token: str | None = None) -> CLIPTokenizer:
-    """The real CLIP BPE tokenizer shipped in lab/tokenizer (SD-2 and SDXL's second one pad with "!")."""
-    if pad_token is None:
-        return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), pad_token=pad_token)
 
 
 def _tiny_text_encoder(hidden_size: int = 32, with_projection: bool = False, projection_dim: int = 32):

@@ -13,9 +13,24 @@ words ("light" does not match the end of "moonlight").
 
 from __future__ import annotations
 
-__all__ = ["token_indices", "prompt_tokens"]
+from pathlib import Path
+
+__all__ = ["token_indices", "prompt_tokens", "clip_tokenizer", "TOKENIZER_DIR"]
+
+# CLIP's real BPE vocabulary (converted from the open-clip wheel by tools/convert_clip_vocab.py):
+# SD 1.x, 2.x and XL all tokenize with it.
+TOKENIZER_DIR = Path(__file__).parent / "tokenizer"
 
 _WORD_END = "</w>"  # CLIP's BPE marks the last piece of every word with it
+
+
+def clip_tokenizer(pad_token: str | None = None):
+    """The real CLIP BPE tokenizer shipped in lab/tokenizer (SD-2 and SDXL's second one pad with "!")."""
+    from transformers import CLIPTokenizer
+
+    if pad_token is None:
+        return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), pad_token=pad_token)
 
 
 def _tokenizers(tokenizer_or_pipe) -> dict:

@@ -8,17 +8,16 @@ at 16x16, 8x8 and 4x4.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "tokenizer"
+from lab.tokens import clip_tokenizer
+
 TEXT_WIDTH = 64
 
 
 def make_tokenizer() -> CLIPTokenizer:
-    return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    return clip_tokenizer()
 
 
 def make_text_encoder() -> CLIPTextModel:

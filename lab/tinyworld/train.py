@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from lab.tokens import TOKENIZER_DIR
+
 from . import model as tw_model
 from .world import Scene, caption, render, sample_scene
 
@@ -319,7 +321,7 @@ def export_pipeline(vae, unet, text_encoder, scaling: float, folder: Path) -> Pa
     pipe.save_pretrained(str(folder), safe_serialization=True)
     for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
         # The slow tokenizer's files too, so transformers 4.x loads the folder as well as 5.x.
-        shutil.copy(tw_model.TOKENIZER_DIR / name, folder / "tokenizer" / name)
+        shutil.copy(TOKENIZER_DIR / name, folder / "tokenizer" / name)
     return folder
 
 
