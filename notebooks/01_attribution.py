@@ -16,6 +16,7 @@
 #         evaluation_prompts:
 #         - a red circle
 #         - a red circle left of a blue square
+#         token_epochs: 20
 # ---
 
 # %% [markdown]
@@ -57,6 +58,7 @@ evaluation_prompts = [
     "a yellow star above a green triangle",
     "a purple heart right of an orange cross",
 ]
+token_epochs = 100  # optimisation steps of OVAM's token optimisation (section 6)
 
 # %%
 import matplotlib.pyplot as plt
@@ -342,6 +344,35 @@ for row, word in zip(axes, shapes):
 for ax in axes.flat:
     ax.axis("off")
 figure.tight_layout()
+
+# %% [markdown]
+# ### Token optimisation (OVAM)
+#
+# OVAM's second idea: a word's text embedding need not stay what the text encoder made of it. Fit
+# the embedding so that its open-vocabulary map matches a mask on **one** image, and the fitted
+# token segments the same concept in other images. `run.optimize_token(word, mask)` does this with
+# the judge's mask of the first prompt's object as target; then we apply the token, unchanged, to
+# every other evaluated image that has that object.
+
+# %%
+first = evaluation_prompts[0]
+first_truth = judged_masks(first, evaluation_runs[first].images[0])
+word = judge.parse_prompt(first).objects[0]["shape"]
+if word in first_truth:
+    token = evaluation_runs[first].optimize_token(word, first_truth[word], epochs=token_epochs)
+    print(token)
+    plt.figure(figsize=(4, 2.5))
+    plt.plot(token.losses)
+    plt.xlabel("optimisation step")
+    plt.ylabel("binary cross-entropy")
+    for text in evaluation_prompts[1:]:
+        truth = judged_masks(text, evaluation_runs[text].images[0])
+        if word in truth:
+            fitted = evaluation_runs[text].open_vocab_map(token).mask(tau)
+            plain = evaluation_runs[text].heat_map(word).mask(tau)
+            print(f"{text:42s} IoU: DAAM {iou(plain, truth[word]):.2f}, optimised token {iou(fitted, truth[word]):.2f}")
+else:
+    print(f"the judge finds no {word!r} in the image of {first!r}: no mask to fit a token to")
 
 # %% [markdown]
 # Things to try: other thresholds (`tau`); score only early steps (`steps=range(0, 5)` in
