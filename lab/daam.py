@@ -746,6 +746,8 @@ class AttributionRun:
         and the mask, as in OVAM's reference code; Adam instead of its SGD at lr 300, so the step
         size does not depend on the scale of one model's gradients. Only the word's rows of the
         attribution prompt's text embedding change; the pipeline's weights are read, never updated.
+        Memory: the backward pass keeps every chosen (step, layer) softmax; on SD-sized models narrow
+        it with steps= / sites= (e.g. sites="16x16" for SD 1.x), as the paper does with its blocks.
         """
         pipe = self._ovam_pipe(pipe)
         image = self._image_index(image)

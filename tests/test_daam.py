@@ -528,8 +528,6 @@ def test_downsampled_maps_still_cover_the_image(sd1):
 
 @pytest.mark.skipif(not (lab.pipelines.EMBEDDED_MODEL / "model_index.json").exists(),
                     reason="needs the trained TinyWorld model in lab/models/tinyworld-sd")
-@pytest.mark.xfail(strict=True, reason="the embedded TinyWorld model v0 is undertrained (3/8 peaks inside "
-                   "their object, chance ~1/8): issue 3 continues its training; strict, so this fails once it passes")
 def test_tinyworld_object_word_maps_peak_inside_the_object():
     """Render known scenes, let the model redraw them (img2img keeps the layout), and check that
     each object noun's DAAM map peaks inside that object's ground-truth mask (dilated by 2 px)."""

@@ -63,6 +63,6 @@ def test_judged_smoke_set_of_single_objects(pipe):
     images = pipe(prompts, num_inference_steps=20, guidance_scale=5.0,
                   generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))]).images
     correct = [score_prompt(p, im)["all_present"] for p, im in zip(prompts, images)]
-    # Chance is 1/48 per image (6 shapes x 8 colours), so 2 of 8 by chance has p ~ 1%. A modest bar: the
-    # model's measured rates on the held-out split are in datasets/tinyworld/README.md.
-    assert sum(correct) >= 2, list(zip(prompts, correct))
+    # Chance is 1/48 per image (6 shapes x 8 colours). The model gets ~94 % of single objects right on
+    # the held-out split (datasets/tinyworld/README.md); 6 of 8 leaves room for seed luck, not for a regression.
+    assert sum(correct) >= 6, list(zip(prompts, correct))

@@ -9,7 +9,8 @@ Stages, each checkpointed and skipped when already done:
   4. unet    train UNet + CLIP text encoder jointly on noised latents, epsilon prediction, Min-SNR-5
              weighting, 10% caption dropout for classifier-free guidance, EMA of the weights.
              Captions are re-drawn from each scene's ground truth every time it is seen.
-  5. export  write a StableDiffusionPipeline folder (safetensors, fp16 storage) and a training report.
+  5. export  write a StableDiffusionPipeline folder (float32 safetensors) and a training report: loss
+             curves (training_losses.png) and the judge's scores on the held-out prompts.
 
 Seeds are fixed and every batch is a function of (seed, stage, step), so a resumed run sees the
 same batches as an uninterrupted one. Uses a GPU when one is present.
@@ -143,7 +144,7 @@ def train_vae(out: Path, images: np.ndarray, steps: int, batch: int, lr: float, 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(rec))
+        losses.append(rec.item())
         bar.set_postfix(rec=f"{np.mean(losses[-50:]):.4f}")
         if (step + 1) % 200 == 0 and step + 1 < steps:
             _save_ckpt(out, "vae", step + 1, {"vae": vae}, opt, losses)
@@ -207,7 +208,7 @@ def finetune_decoder(out: Path, vae, images: np.ndarray, latents: torch.Tensor, 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if (step + 1) % 200 == 0 and step + 1 < steps:
             _save_ckpt(out, "decoder", step + 1, modules, opt, losses)
@@ -288,7 +289,7 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
         opt.step()
         ema_u.update(unet, step)
         ema_t.update(text_encoder, step)
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
         if (step + 1) % 250 == 0 and step + 1 < steps:
             _save_ckpt(out, "unet", step + 1, modules, opt, losses)
@@ -331,11 +332,13 @@ def plot_losses(out: Path, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, name, title in ((axes[0], out / "vae_losses.json", "VAE reconstruction (L1+MSE)"),
-                            (axes[1], out / "unet_final" / "state.json", "UNet denoising loss (Min-SNR-5)")):
-        if not name.exists():
-            continue
+    panels = [(name, title) for name, title in ((out / "vae_losses.json", "VAE reconstruction (L1+MSE)"),
+                                                 (out / "unet_final" / "state.json", "UNet denoising loss (Min-SNR-5)"))
+              if name.exists()]  # a run continued with --init-from trains no VAE
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, (name, title) in zip(axes[0], panels):
         data = json.loads(name.read_text())
         values = np.array(data["losses"] if isinstance(data, dict) else data)
         k = max(1, len(values) // 100)
@@ -385,6 +388,8 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--init-from", type=Path, default=None,
                    help="continue training an exported pipeline (e.g. lab/models/tinyworld-sd) in a new --out folder")
+    p.add_argument("--eval-seeds", type=int, default=1,
+                   help="judge the exported model on the held-out prompts with this many seeds (0: skip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
@@ -411,7 +416,18 @@ def main(argv=None) -> None:
     folder = export_pipeline(vae, unet, text_encoder, scaling, args.export or args.out / "pipeline")
     plot_losses(args.out, args.out / "training_losses.png")
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "timings_this_invocation_s": timings,
-              "latent_scaling_factor": scaling, "device": args.device, "torch": torch.__version__}
+              "latent_scaling_factor": scaling, "device": args.device, "torch": torch.__version__,
+              "unet_steps_done": len(json.loads((args.out / "unet_final" / "state.json").read_text())["losses"])}
+    if args.eval_seeds > 0:  # the judge's scores of the exported model on the held-out prompts
+        from diffusers import StableDiffusionPipeline
+
+        from .evaluate import evaluate_model
+
+        pipe = StableDiffusionPipeline.from_pretrained(str(folder)).to(args.device)
+        pipe.set_progress_bar_config(disable=True)
+        report["judge_on_held_out_prompts"] = {"seeds": args.eval_seeds, "steps": 20, "guidance": 5.0,
+                                               **evaluate_model(pipe, seeds=tuple(range(args.eval_seeds)))}
+        print(json.dumps(report["judge_on_held_out_prompts"], indent=1))
     (args.out / "training_report.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {folder} ({sum(f.stat().st_size for f in folder.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
 
