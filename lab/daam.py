@@ -69,6 +69,7 @@ what to narrow.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -719,7 +720,9 @@ class AttributionRun:
         if isinstance(word, OptimizedToken):
             token, embedding = word, word.embedding
             word, attribution_prompt, tokens = token.word, token.attribution_prompt, list(token.tokens)
-            key = ("ovam-optimized", image, id(token), tuple(tokens))
+            # Keyed by content, not id(): a new token may reuse a collected one's id.
+            digest = hashlib.sha1(embedding.detach().float().cpu().numpy().tobytes()).hexdigest()
+            key = ("ovam-optimized", image, attribution_prompt, tuple(tokens), digest)
         else:
             attribution_prompt = word if attribution_prompt is None else attribution_prompt
             tokens = token_indices(self._tokenizer(), attribution_prompt, word, occurrence)
