@@ -39,12 +39,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from peak_memory import measure_peak_rss
+import common
+from common import measure_peak_rss
 
 PROMPT = "a red circle left of a blue square"
 WORD = "circle"
@@ -156,12 +156,7 @@ def worker_memory(model: str, steps: int, config: str) -> dict:
 
 
 def run_worker(threads: int, *args) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), *map(str, args)]
-    env = dict(os.environ, LAB_BENCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"worker failed: {' '.join(command)}\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return common.run_worker(__file__, sys.executable, threads, *args)
 
 
 def markdown(results: dict) -> str:

@@ -48,7 +48,8 @@ import sys
 import time
 from pathlib import Path
 
-from peak_memory import measure_peak_rss
+import common
+from common import measure_peak_rss
 
 HERE = Path(__file__).resolve().parent
 MODES = ["plain", "idle", "cross_mean", "self_ds4", "amd_exact", "amd_fast"]
@@ -261,12 +262,7 @@ def worker_memory(model: str, steps: int, mode: str) -> dict:
 
 
 def run_worker(python: str, threads: int, *args) -> dict:
-    command = [python, str(Path(__file__).resolve()), *map(str, args)]
-    env = dict(os.environ, LAB_BENCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"worker failed: {' '.join(command)}\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return common.run_worker(__file__, python, threads, *args)
 
 
 def amd_available(python: str) -> bool:

@@ -1,7 +1,12 @@
-"""Peak resident memory of one piece of work, for the benchmarks (Linux /proc; getrusage elsewhere)."""
+"""What the benchmarks share: peak resident memory of one piece of work (Linux /proc; getrusage
+elsewhere), and running a measurement in a fresh worker process."""
 
 import gc
+import json
+import os
 import resource
+import subprocess
+from pathlib import Path
 
 
 def _status_kb(field: str) -> int | None:
@@ -28,3 +33,13 @@ def measure_peak_rss(work) -> tuple[dict, object]:
     peak_kb = _status_kb("VmHWM") if source.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"rss_before_mb": rss_before_kb / 1024, "peak_mb": peak_kb / 1024,
             "peak_over_start_mb": (peak_kb - rss_before_kb) / 1024, "source": source}, result
+
+
+def run_worker(script: str, python: str, threads: int, *args) -> dict:
+    """Run `python script *args` with `threads` torch/OpenMP threads; return the JSON on its last stdout line."""
+    command = [python, str(Path(script).resolve()), *map(str, args)]
+    env = dict(os.environ, LAB_BENCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker failed: {' '.join(command)}\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
