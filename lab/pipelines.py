@@ -30,6 +30,13 @@ def load_pipeline(name_or_path: str | Path | None = None, device: str | torch.de
         raise FileNotFoundError(
             f"the embedded TinyWorld model is missing from {EMBEDDED_MODEL}; train it with "
             "`sdlab tinyworld train` or pass a hub id / local folder of a Stable Diffusion pipeline")
+    if not str(source).strip():
+        raise ValueError("load_pipeline() got an empty name: leave it out for the embedded TinyWorld model, "
+                         "or pass a hub id / local folder of a Stable Diffusion pipeline")
+    if Path(source).is_dir() and not (Path(source) / "model_index.json").exists():
+        raise FileNotFoundError(
+            f"{source} is a folder but not a diffusers pipeline (no model_index.json); pass the folder that "
+            "`pipe.save_pretrained(...)` wrote, or a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'")
     if Path(source).is_dir() and (Path(source) / "model_index.json").exists():
         index = json.loads((Path(source) / "model_index.json").read_text())
         if "safety_checker" in index:  # the embedded model and many local copies have none
@@ -41,6 +48,10 @@ def load_pipeline(name_or_path: str | Path | None = None, device: str | torch.de
     if importlib.util.find_spec("accelerate") is None:
         kwargs.setdefault("low_cpu_mem_usage", False)  # what diffusers falls back to anyway, without the warning
     pipe = DiffusionPipeline.from_pretrained(str(source), **kwargs)
+    if not hasattr(pipe, "unet") or not hasattr(pipe, "text_encoder"):
+        raise ValueError(
+            f"{source} loads as {type(pipe).__name__}, which has no UNet + text encoder: sdlab's hooks work on "
+            "Stable Diffusion 1.x / 2.x / XL pipelines (UNet2DConditionModel with cross-attention)")
     pipe.to(device)
     if name_or_path is None:
         pipe.set_progress_bar_config(leave=False)

@@ -1,5 +1,6 @@
 """lab.testing: the tiny random pipelines are what they claim to be, and deterministic."""
 
+import pytest
 import torch
 from conftest import generate
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -69,3 +70,20 @@ def test_sd15_sized_unet_has_sd15_shape():
     assert tuple(unet.config.block_out_channels) == (320, 640, 1280, 1280)
     assert 855e6 < sum(p.numel() for p in unet.parameters()) < 865e6
     assert len([s for s in lab.sites(unet) if s.kind == "cross"]) == 16
+
+
+def test_load_pipeline_reads_any_saved_family_folder(sd2, sdxl, tmp_path):
+    for pipe, cls in ((sd2, StableDiffusionPipeline), (sdxl, StableDiffusionXLPipeline)):
+        folder = tmp_path / cls.__name__
+        pipe.save_pretrained(str(folder))
+        loaded = lab.load_pipeline(folder, dtype=torch.bfloat16)
+        assert type(loaded) is cls
+        assert loaded.unet.dtype == torch.bfloat16
+        assert loaded.scheduler.config.prediction_type == pipe.scheduler.config.prediction_type
+
+
+def test_load_pipeline_rejects_an_empty_name_and_a_folder_without_a_pipeline(tmp_path):
+    with pytest.raises(ValueError, match="leave it out for the embedded"):
+        lab.load_pipeline("")
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        lab.load_pipeline(tmp_path)

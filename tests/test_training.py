@@ -58,3 +58,17 @@ def test_a_checkpoint_restores_weights_optimizer_and_step(tmp_path):
 def test_no_checkpoint_means_a_fresh_start(tmp_path):
     model = torch.nn.Linear(2, 2)
     assert train._load_ckpt(tmp_path, "unet", {"model": model}, torch.optim.AdamW(model.parameters())) == (0, [])
+
+
+def test_loss_weight_is_min_snr_with_a_floor_at_the_noisiest_steps():
+    scheduler = train.tw_model.make_scheduler()
+    snr = scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)
+    plain = train.epsilon_loss_weight(snr, 5.0, 0.0)
+    floored = train.epsilon_loss_weight(snr, 5.0, 0.2)
+    # In clean-latent terms (weight x SNR): min(SNR, 5) without a floor, max(that, 0.2) with one.
+    assert torch.allclose(plain * snr, snr.clamp(max=5.0))
+    assert torch.allclose(floored * snr, snr.clamp(min=0.2, max=5.0))
+    assert (plain * snr)[-1] < 0.01  # Min-SNR alone all but ignores t = 999
+    noisy = snr < 0.2
+    assert noisy.any() and torch.all(floored[noisy] > plain[noisy])
+    assert torch.equal(floored[~noisy], plain[~noisy])  # the rest of the schedule is untouched

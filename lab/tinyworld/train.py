@@ -235,9 +235,21 @@ class EMA:
                 self.shadow[k].copy_(v)
 
 
+def epsilon_loss_weight(snr: torch.Tensor, min_snr_gamma: float = 5.0, layout_weight: float = 0.0) -> torch.Tensor:
+    """Per-sample weight of the epsilon-prediction MSE.
+
+    An epsilon error is an error on the clean latent scaled by sqrt(SNR), so the epsilon MSE weighs
+    clean-latent errors by SNR. Min-SNR-gamma caps that weight at gamma (the nearly clean steps stop
+    dominating); it leaves the noisiest steps, where the layout is decided, at weight SNR (~0.005 at
+    t = 999), so a model can ignore the words that place objects and read the layout off the low
+    frequencies the schedule leaves in x_t. `layout_weight` floors the clean-latent weight there.
+    """
+    return torch.clamp(snr, min=layout_weight, max=min_snr_gamma) / snr
+
+
 def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Scene], steps: int, batch: int,
                lr: float, seed: int, device, cfg_dropout: float = 0.1, min_snr_gamma: float = 5.0,
-               max_minutes: float | None = None):
+               layout_weight: float = 0.0, max_minutes: float | None = None):
     torch.manual_seed(seed)
     unet, text_encoder = tw_model.make_unet().to(device), tw_model.make_text_encoder().to(device)
     tokenizer, scheduler = tw_model.make_tokenizer(), tw_model.make_scheduler()
@@ -281,7 +293,7 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
             g["lr"] = lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / steps))
         cond = text_encoder(ids.to(device))[0]
         pred = unet(xt, t, encoder_hidden_states=cond).sample
-        weight = torch.clamp(snr[t], max=min_snr_gamma) / snr[t]  # Min-SNR-gamma for epsilon prediction
+        weight = epsilon_loss_weight(snr[t], min_snr_gamma, layout_weight)
         loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -386,6 +398,8 @@ def main(argv=None) -> None:
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-minutes", type=float, default=None, help="stop the UNet stage after this long (EMA weights)")
     p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--layout-weight", type=float, default=0.2,
+                   help="floor of the clean-latent loss weight at the noisiest steps (0: plain Min-SNR-5)")
     p.add_argument("--init-from", type=Path, default=None,
                    help="continue training an exported pipeline (e.g. lab/models/tinyworld-sd) in a new --out folder")
     p.add_argument("--eval-seeds", type=int, default=1,
@@ -411,7 +425,8 @@ def main(argv=None) -> None:
     if args.decoder_only:
         return
     unet, text_encoder = train_unet(args.out, latents, scaling, scenes, args.unet_steps, args.unet_batch, args.lr,
-                                    args.seed, args.device, max_minutes=args.unet_minutes)
+                                    args.seed, args.device, layout_weight=args.layout_weight,
+                                    max_minutes=args.unet_minutes)
     timings["unet_s"] = time.time() - t0 - sum(timings.values())
     folder = export_pipeline(vae, unet, text_encoder, scaling, args.export or args.out / "pipeline")
     plot_losses(args.out, args.out / "training_losses.png")
