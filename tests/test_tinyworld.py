@@ -159,3 +159,44 @@ def test_prompt_split_is_fixed_and_covers_the_vocabulary():
     words = " ".join(sum(split.values(), []))
     assert all(c in words for c in COLORS) and all(t in words for t in TEXTURES[1:])
     assert all(parse_prompt(p).relation for p in split["pairs"])
+
+
+class _RenderingPipe:
+    """Stands in for a text-to-image pipeline: renders the prompt's two objects, placing them by the
+    relation (a model that reads it) or always at the same spots (a model that ignores it)."""
+
+    def __init__(self, follows_relation: bool):
+        self.follows_relation = follows_relation
+
+    def __call__(self, prompts, num_inference_steps, guidance_scale, generator):
+        from types import SimpleNamespace
+
+        from PIL import Image
+
+        images = []
+        for prompt in prompts:
+            spec = parse_prompt(prompt)
+            first, second = ((16, 32), (48, 32))
+            if self.follows_relation:
+                first, second = {"left of": ((16, 32), (48, 32)), "right of": ((48, 32), (16, 32)),
+                                 "above": ((32, 16), (32, 48)), "below": ((32, 48), (32, 16))}[spec.relation]
+            objects = [WorldObject(o["shape"], o["color"], 16.0, "plain", *at)
+                       for o, at in zip(spec.objects, (first, second))]
+            images.append(Image.fromarray(render(Scene(objects, "plain")).image))
+        return SimpleNamespace(images=images)
+
+
+def test_relation_swap_test_tells_a_model_that_reads_relations_from_one_that_ignores_them():
+    from lab.tinyworld.evaluate import mirrored, relation_swap_test
+
+    assert mirrored("a red circle left of a blue square") == "a red circle right of a blue square"
+    assert mirrored("a green star below a pink heart") == "a green star above a pink heart"
+    with pytest.raises(ValueError, match="names no relation"):
+        mirrored("a red circle")
+    prompts = prompt_split()["pairs"][:4]
+    reads = relation_swap_test(_RenderingPipe(follows_relation=True), prompts, seeds=(0,))
+    ignores = relation_swap_test(_RenderingPipe(follows_relation=False), prompts, seeds=(0,))
+    assert reads["n_pairs"] == ignores["n_pairs"] == 4
+    assert reads["both_read"] == ignores["both_read"] == 1.0
+    assert reads["layout_unchanged"] == 0.0 and reads["both_relations_correct"] == 1.0
+    assert ignores["layout_unchanged"] == 1.0 and ignores["both_relations_correct"] == 0.0
