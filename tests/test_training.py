@@ -4,6 +4,7 @@ plain Stable Diffusion folder, re-running resumes instead of retraining, and che
 import json
 
 import numpy as np
+import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
@@ -63,8 +64,8 @@ def test_no_checkpoint_means_a_fresh_start(tmp_path):
 def test_loss_weight_is_min_snr_with_a_floor_at_the_noisiest_steps():
     scheduler = train.tw_model.make_scheduler()
     snr = scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)
-    plain = train.epsilon_loss_weight(snr, 5.0, 0.0)
-    floored = train.epsilon_loss_weight(snr, 5.0, 0.2)
+    plain = train.loss_weight(snr, 5.0, 0.0)
+    floored = train.loss_weight(snr, 5.0, 0.2)
     # In clean-latent terms (weight x SNR): min(SNR, 5) without a floor, max(that, 0.2) with one.
     assert torch.allclose(plain * snr, snr.clamp(max=5.0))
     assert torch.allclose(floored * snr, snr.clamp(min=0.2, max=5.0))
@@ -72,3 +73,27 @@ def test_loss_weight_is_min_snr_with_a_floor_at_the_noisiest_steps():
     noisy = snr < 0.2
     assert noisy.any() and torch.all(floored[noisy] > plain[noisy])
     assert torch.equal(floored[~noisy], plain[~noisy])  # the rest of the schedule is untouched
+
+
+def test_v_prediction_weight_stays_finite_on_a_zero_terminal_snr_schedule():
+    scheduler = train.tw_model.make_scheduler("v_prediction", zero_terminal_snr=True)
+    snr = scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)
+    assert snr[-1] == 0  # the last step is pure noise
+    weight = train.loss_weight(snr, 5.0, 0.2, "v_prediction")
+    assert torch.isfinite(weight).all()
+    assert torch.allclose(weight * (snr + 1), snr.clamp(min=0.2, max=5.0))
+    with pytest.raises(ValueError, match="needs prediction_type='v_prediction'"):
+        train.tw_model.make_scheduler("epsilon", zero_terminal_snr=True)
+
+
+def test_training_with_v_prediction_exports_a_matching_scheduler(tmp_path):
+    out = tmp_path / "run"
+    train.main(["--out", str(out), *TOY, "--prediction-type", "v_prediction", "--zero-terminal-snr"])
+    pipe = StableDiffusionPipeline.from_pretrained(str(out / "pipeline"))
+    config = pipe.scheduler.config
+    assert config.prediction_type == "v_prediction" and config.rescale_betas_zero_snr
+    assert config.timestep_spacing == "trailing"
+    pipe.set_progress_bar_config(disable=True)
+    assert np.isfinite(pipe("a red circle", num_inference_steps=2, output_type="np").images).all()
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(tmp_path / "bad"), *TOY, "--zero-terminal-snr"])

@@ -50,9 +50,17 @@ def make_unet() -> UNet2DConditionModel:
     )
 
 
-def make_scheduler() -> DDIMScheduler:
-    # SD 1.x's noise schedule and DDIM settings.
+def make_scheduler(prediction_type: str = "epsilon", zero_terminal_snr: bool = False) -> DDIMScheduler:
+    """SD 1.x's noise schedule and DDIM settings; or, with `zero_terminal_snr`, the same betas rescaled
+    so the last step is pure noise and sampling starts there ("trailing" spacing), as Lin et al. 2024
+    ("Common Diffusion Noise Schedules and Sample Steps are Flawed") prescribe. Pure noise has no
+    epsilon to predict from, so that schedule needs v-prediction (as SD 2.x uses)."""
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    if zero_terminal_snr and prediction_type == "epsilon":
+        raise ValueError("a zero-terminal-SNR schedule needs prediction_type='v_prediction'")
     return DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
-    )
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+        rescale_betas_zero_snr=zero_terminal_snr, timestep_spacing="trailing" if zero_terminal_snr else "leading",
+    )  # (steps_offset only shifts "leading" timesteps; StableDiffusionPipeline expects it to be 1)

@@ -235,24 +235,27 @@ class EMA:
                 self.shadow[k].copy_(v)
 
 
-def epsilon_loss_weight(snr: torch.Tensor, min_snr_gamma: float = 5.0, layout_weight: float = 0.0) -> torch.Tensor:
-    """Per-sample weight of the epsilon-prediction MSE.
+def loss_weight(snr: torch.Tensor, min_snr_gamma: float = 5.0, layout_weight: float = 0.0,
+                prediction_type: str = "epsilon") -> torch.Tensor:
+    """Per-sample weight of the prediction MSE (epsilon or v).
 
-    An epsilon error is an error on the clean latent scaled by sqrt(SNR), so the epsilon MSE weighs
-    clean-latent errors by SNR. Min-SNR-gamma caps that weight at gamma (the nearly clean steps stop
-    dominating); it leaves the noisiest steps, where the layout is decided, at weight SNR (~0.005 at
-    t = 999), so a model can ignore the words that place objects and read the layout off the low
-    frequencies the schedule leaves in x_t. `layout_weight` floors the clean-latent weight there.
+    In clean-latent terms the epsilon MSE weighs errors by SNR and the v MSE by SNR + 1. Min-SNR-gamma
+    makes that weight min(SNR, gamma): the nearly clean steps stop dominating, but the noisiest steps,
+    where the layout is decided, keep weight SNR (~0.005 at t = 999), so a model can ignore the words
+    that place objects and read the layout off the low frequencies the schedule leaves in x_t.
+    `layout_weight` floors the clean-latent weight there.
     """
-    return torch.clamp(snr, min=layout_weight, max=min_snr_gamma) / snr
+    clean_latent_weight = torch.clamp(snr, min=layout_weight, max=min_snr_gamma)
+    return clean_latent_weight / (snr + 1 if prediction_type == "v_prediction" else snr)
 
 
 def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Scene], steps: int, batch: int,
                lr: float, seed: int, device, cfg_dropout: float = 0.1, min_snr_gamma: float = 5.0,
-               layout_weight: float = 0.0, max_minutes: float | None = None):
+               layout_weight: float = 0.0, scheduler=None, max_minutes: float | None = None):
     torch.manual_seed(seed)
     unet, text_encoder = tw_model.make_unet().to(device), tw_model.make_text_encoder().to(device)
-    tokenizer, scheduler = tw_model.make_tokenizer(), tw_model.make_scheduler()
+    tokenizer, scheduler = tw_model.make_tokenizer(), scheduler or tw_model.make_scheduler()
+    prediction_type = scheduler.config.prediction_type
     final = out / "unet_final"
     if (final / "state.json").exists():
         unet.load_state_dict(load_file(str(final / "unet_ema.safetensors")))
@@ -293,8 +296,9 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
             g["lr"] = lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / steps))
         cond = text_encoder(ids.to(device))[0]
         pred = unet(xt, t, encoder_hidden_states=cond).sample
-        weight = epsilon_loss_weight(snr[t], min_snr_gamma, layout_weight)
-        loss = (weight * F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
+        weight = loss_weight(snr[t], min_snr_gamma, layout_weight, prediction_type)
+        loss = (weight * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -318,7 +322,7 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
 
 # ----------------------------------------------------------------------------- stage 5: export
 
-def export_pipeline(vae, unet, text_encoder, scaling: float, folder: Path) -> Path:
+def export_pipeline(vae, unet, text_encoder, scaling: float, folder: Path, scheduler=None) -> Path:
     """A genuine StableDiffusionPipeline folder, loadable with plain `from_pretrained`.
 
     Stored in float32: recent transformers load weights in their stored dtype, so fp16 storage would
@@ -328,7 +332,7 @@ def export_pipeline(vae, unet, text_encoder, scaling: float, folder: Path) -> Pa
     vae.register_to_config(scaling_factor=scaling)
     pipe = StableDiffusionPipeline(
         vae=vae.cpu().eval(), text_encoder=text_encoder.cpu().eval(), tokenizer=tw_model.make_tokenizer(),
-        unet=unet.cpu().eval(), scheduler=tw_model.make_scheduler(), safety_checker=None, feature_extractor=None,
+        unet=unet.cpu().eval(), scheduler=scheduler or tw_model.make_scheduler(), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
@@ -400,6 +404,9 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--layout-weight", type=float, default=0.2,
                    help="floor of the clean-latent loss weight at the noisiest steps (0: plain Min-SNR-5)")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
+    p.add_argument("--zero-terminal-snr", action="store_true",
+                   help="rescale the schedule so its last step is pure noise (needs --prediction-type v_prediction)")
     p.add_argument("--init-from", type=Path, default=None,
                    help="continue training an exported pipeline (e.g. lab/models/tinyworld-sd) in a new --out folder")
     p.add_argument("--eval-seeds", type=int, default=1,
@@ -408,6 +415,9 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = p.parse_args(argv)
+    if args.zero_terminal_snr and args.prediction_type != "v_prediction":
+        p.error("--zero-terminal-snr needs --prediction-type v_prediction (pure noise has no epsilon to predict)")
+    scheduler = tw_model.make_scheduler(args.prediction_type, args.zero_terminal_snr)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.init_from and not (args.out / "unet_init.safetensors").exists():
@@ -426,9 +436,9 @@ def main(argv=None) -> None:
         return
     unet, text_encoder = train_unet(args.out, latents, scaling, scenes, args.unet_steps, args.unet_batch, args.lr,
                                     args.seed, args.device, layout_weight=args.layout_weight,
-                                    max_minutes=args.unet_minutes)
+                                    scheduler=scheduler, max_minutes=args.unet_minutes)
     timings["unet_s"] = time.time() - t0 - sum(timings.values())
-    folder = export_pipeline(vae, unet, text_encoder, scaling, args.export or args.out / "pipeline")
+    folder = export_pipeline(vae, unet, text_encoder, scaling, args.export or args.out / "pipeline", scheduler)
     plot_losses(args.out, args.out / "training_losses.png")
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "timings_this_invocation_s": timings,
               "latent_scaling_factor": scaling, "device": args.device, "torch": torch.__version__,
