@@ -289,12 +289,17 @@ def _size(nbytes: int) -> str:
 
 
 def _time_and_memory_table(result: dict) -> list[str]:
-    lines = [f"Time: median of {result['rounds']} interleaved rounds of one {result['steps']}-step generation, CFG batch 2. "
+    measured = result.get("time_measured")
+    when = (f" Timed {measured['date']}, load average at start {measured['load_average_at_start']:.1f}."
+            if measured else "")
+    lines = [f"Time: median of {result['rounds']} interleaved rounds of one {result['steps']}-step generation, CFG batch 2.{when} "
              f"Memory: fresh process per configuration, peak RSS rise during one generation.", "",
              "Attention-attributed overhead = (median time inside Attention modules − plain's) / plain's "
              "median generation time (see AttentionTimer).", "",
-             "| configuration | median wall | × plain | min wall × plain | median CPU × plain | time in attention | attention-attributed overhead | peak RSS rise | × plain's rise | captured |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "Per-round × plain: median over rounds of (this configuration's time / plain's time in the same round); "
+             "each round runs every configuration back to back, so slow drifts of the machine cancel.", "",
+             "| configuration | median wall | × plain | per-round × plain | min wall × plain | median CPU × plain | time in attention | attention-attributed overhead | peak RSS rise | × plain's rise | captured |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     plain = result["time"]["plain"]
     plain_t = plain["median_s"]
     plain_m = result["memory"]["plain"]["peak_over_start_mb"]
@@ -303,6 +308,7 @@ def _time_and_memory_table(result: dict) -> list[str]:
         rise = memory.get("peak_over_start_mb")
         lines.append(
             f"| {mode} | {timing['median_s']:.3f} s | {timing['median_s'] / plain_t:.3f} | "
+            f"{statistics.median(t / p for t, p in zip(timing['runs_s'], plain['runs_s'])):.3f} | "
             f"{timing['min_s'] / plain['min_s']:.3f} | {timing['median_cpu_s'] / plain['median_cpu_s']:.3f} | "
             f"{timing['median_attention_s'] * 1000:.0f} ms | "
             f"{(timing['median_attention_s'] - plain['median_attention_s']) / plain_t * 100:+.1f} % | "
@@ -316,8 +322,8 @@ def to_markdown(report: dict) -> str:
     lines = [
         f"# lab hook benchmark ({report['date']})",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores (torch threads {m['torch_threads']}), load average at start "
-        f"{m['load_average_at_start'][0]:.1f}; Python {m['python']}, torch {m['torch']}, diffusers {m['diffusers']}.",
+        f"Machine: {m['cpu']}, {m['cores']} cores (torch threads {m['torch_threads']}), load average at the full run's "
+        f"start {m['load_average_at_start'][0]:.1f}; Python {m['python']}, torch {m['torch']}, diffusers {m['diffusers']}.",
         "",
     ]
     for model, result in report["models"].items():
@@ -384,7 +390,8 @@ def main(argv=None) -> None:
         entry = report["models"].setdefault(model, {"description": descriptions[model], "steps": steps, "rounds": rounds})
         if "time" in parts:
             print(f"[{model}] timing {len(modes)} configurations x {rounds} rounds ...", flush=True)
-            entry.update(steps=steps, rounds=rounds,
+            measured = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_average_at_start": os.getloadavg()[0]}
+            entry.update(steps=steps, rounds=rounds, time_measured=measured,
                          time=run_worker(python, args.threads, "_time", model, steps, rounds, ",".join(modes)))
         if "memory" in parts:
             entry["memory"] = {}
