@@ -6,8 +6,9 @@ Stages, each checkpointed and skipped when already done:
   1. data    render the training scenes (images + ground truth) once, to a cache
   2. vae     train the AutoencoderKL on the images (L1 + MSE reconstruction, SD's tiny KL weight)
   3. latents encode every image once; the latent scaling factor is 1 / std of the latents, as in SD
-  4. unet    train UNet + CLIP text encoder jointly on noised latents, epsilon prediction, Min-SNR-5
-             weighting, 10% caption dropout for classifier-free guidance, EMA of the weights.
+  4. unet    train UNet + CLIP text encoder jointly on noised latents, epsilon prediction (or v with
+             --prediction-type), Min-SNR-5 weighting floored at the noisiest steps (--layout-weight),
+             10% caption dropout for classifier-free guidance, EMA of the weights.
              Captions are re-drawn from each scene's ground truth every time it is seen.
   5. export  write a StableDiffusionPipeline folder (float32 safetensors) and a training report: loss
              curves (training_losses.png) and the judge's scores on the held-out prompts.
@@ -415,9 +416,10 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = p.parse_args(argv)
-    if args.zero_terminal_snr and args.prediction_type != "v_prediction":
-        p.error("--zero-terminal-snr needs --prediction-type v_prediction (pure noise has no epsilon to predict)")
-    scheduler = tw_model.make_scheduler(args.prediction_type, args.zero_terminal_snr)
+    try:
+        scheduler = tw_model.make_scheduler(args.prediction_type, args.zero_terminal_snr)
+    except ValueError as error:
+        p.error(f"{error} (--prediction-type v_prediction)")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.init_from and not (args.out / "unet_init.safetensors").exists():
