@@ -86,9 +86,9 @@ def test_v_prediction_weight_stays_finite_on_a_zero_terminal_snr_schedule():
         train.tw_model.make_scheduler("epsilon", zero_terminal_snr=True)
 
 
-def test_training_with_v_prediction_exports_a_matching_scheduler(tmp_path):
+def test_training_defaults_to_v_prediction_on_a_zero_terminal_snr_schedule(tmp_path):
     out = tmp_path / "run"
-    train.main(["--out", str(out), *TOY, "--prediction-type", "v_prediction", "--zero-terminal-snr"])
+    train.main(["--out", str(out), *TOY])  # the defaults: v-prediction on a zero-terminal-SNR schedule
     pipe = StableDiffusionPipeline.from_pretrained(str(out / "pipeline"))
     config = pipe.scheduler.config
     assert config.prediction_type == "v_prediction" and config.rescale_betas_zero_snr
@@ -96,4 +96,7 @@ def test_training_with_v_prediction_exports_a_matching_scheduler(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     assert np.isfinite(pipe("a red circle", num_inference_steps=2, output_type="np").images).all()
     with pytest.raises(SystemExit):
-        train.main(["--out", str(tmp_path / "bad"), *TOY, "--zero-terminal-snr"])
+        train.main(["--out", str(tmp_path / "bad"), *TOY, "--prediction-type", "epsilon", "--zero-terminal-snr"])
+    train.main(["--out", str(tmp_path / "eps"), *TOY, "--prediction-type", "epsilon"])  # SD 1.x's schedule
+    config = StableDiffusionPipeline.from_pretrained(str(tmp_path / "eps" / "pipeline")).scheduler.config
+    assert config.prediction_type == "epsilon" and not config.rescale_betas_zero_snr

@@ -50,13 +50,27 @@ def prompt_split() -> dict[str, list[str]]:
     return {"single": single, "pairs": pairs, "attributes": attributes}
 
 
-def evaluate_judge(seeds=JUDGE_SPLIT) -> dict:
+def degrade(image: np.ndarray, blur_sigma: float, drift: float, seed: int) -> np.ndarray:
+    """What a generated image looks like next to a rendered one: Gaussian blur, a colour drift of
+    (+drift, -drift/2, +drift/2) and pixel noise (std 4)."""
+    from scipy import ndimage
+
+    out = ndimage.gaussian_filter(image.astype(float), (blur_sigma, blur_sigma, 0)) + np.array([drift, -drift / 2, drift / 2])
+    out += np.random.default_rng(seed).normal(0, 4, out.shape)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def evaluate_judge(seeds=JUDGE_SPLIT, blur_sigma: float = 0.0, drift: float = 0.0) -> dict:
+    """The judge against the ground truth on rendered scenes, optionally degraded (`degrade`)."""
     correct = total = 0
     confusion = {k: collections.Counter() for k in ("shape", "color", "texture", "size_label")}
     missing = 0
-    for seed in tqdm(seeds, desc="judge on rendered split"):
+    for seed in tqdm(seeds, desc=f"judge on rendered split (blur {blur_sigma}, drift {drift})"):
         scene = sample_scene(seed)
-        result = judge_rendered(scene, render(scene).image)
+        image = render(scene).image
+        if blur_sigma or drift:
+            image = degrade(image, blur_sigma, drift, seed)
+        result = judge_rendered(scene, image)
         for row in result["objects"]:
             total += 1
             if row["found"] is None:
@@ -161,6 +175,8 @@ def main(argv=None) -> None:
     results = {}
     if args.judge:
         results["judge"] = evaluate_judge()
+        for blur_sigma, drift in ((0.6, 8.0), (0.9, 12.0)):  # robustness to generated images' blur and drift
+            results[f"judge_blur{blur_sigma}_drift{drift:g}"] = evaluate_judge(blur_sigma=blur_sigma, drift=drift)
     if args.model is not None:
         from ..pipelines import load_pipeline
 

@@ -6,9 +6,10 @@ Stages, each checkpointed and skipped when already done:
   1. data    render the training scenes (images + ground truth) once, to a cache
   2. vae     train the AutoencoderKL on the images (L1 + MSE reconstruction, SD's tiny KL weight)
   3. latents encode every image once; the latent scaling factor is 1 / std of the latents, as in SD
-  4. unet    train UNet + CLIP text encoder jointly on noised latents, epsilon prediction (or v with
-             --prediction-type), Min-SNR-5 weighting floored at the noisiest steps (--layout-weight),
-             10% caption dropout for classifier-free guidance, EMA of the weights.
+  4. unet    train UNet + CLIP text encoder jointly on noised latents: v-prediction on a zero-terminal-SNR
+             schedule (the last step is pure noise, so only the text can place objects; --prediction-type
+             epsilon gives SD 1.x's schedule), Min-SNR-5 weighting floored at the noisiest steps
+             (--layout-weight), 10% caption dropout for classifier-free guidance, EMA of the weights.
              Captions are re-drawn from each scene's ground truth every time it is seen.
   5. export  write a StableDiffusionPipeline folder (float32 safetensors) and a training report: loss
              curves (training_losses.png) and the judge's scores on the held-out prompts.
@@ -403,11 +404,12 @@ def main(argv=None) -> None:
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-minutes", type=float, default=None, help="stop the UNet stage after this long (EMA weights)")
     p.add_argument("--lr", type=float, default=6e-4)
-    p.add_argument("--layout-weight", type=float, default=0.2,
+    p.add_argument("--layout-weight", type=float, default=1.0,
                    help="floor of the clean-latent loss weight at the noisiest steps (0: plain Min-SNR-5)")
-    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
-    p.add_argument("--zero-terminal-snr", action="store_true",
-                   help="rescale the schedule so its last step is pure noise (needs --prediction-type v_prediction)")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="v_prediction")
+    p.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction, default=None,
+                   help="rescale the schedule so its last step is pure noise (default with v-prediction; "
+                        "epsilon prediction cannot use it)")
     p.add_argument("--init-from", type=Path, default=None,
                    help="continue training an exported pipeline (e.g. lab/models/tinyworld-sd) in a new --out folder")
     p.add_argument("--eval-seeds", type=int, default=1,
@@ -416,6 +418,8 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = p.parse_args(argv)
+    if args.zero_terminal_snr is None:
+        args.zero_terminal_snr = args.prediction_type == "v_prediction"
     try:
         scheduler = tw_model.make_scheduler(args.prediction_type, args.zero_terminal_snr)
     except ValueError as error:
