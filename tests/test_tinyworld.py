@@ -7,7 +7,7 @@ from scipy import ndimage
 from lab.tinyworld.judge import parse_prompt, read_image, score_prompt
 from lab.tinyworld.evaluate import evaluate_judge, prompt_split
 from lab.tinyworld.world import (COLORS, KEYPOINT_NAMES, SHAPES, TEXTURES, Scene, WorldObject, background_image,
-                                 caption, fixed_caption, relation_holds, render, sample_scene)
+                                 caption, fixed_caption, mirror_scene, relation_holds, render, sample_scene)
 
 SEEDS = range(10_000_000, 10_000_060)
 
@@ -87,6 +87,25 @@ def test_two_object_scenes_are_drawn_side_by_side_around_the_middle():
         pa, pb = (a.cx, a.cy), (b.cx, b.cy)
         assert abs((pa[along] + pb[along]) / 2 - 32) <= 8, scene
         assert abs(pa[1 - along] - pb[1 - along]) <= 6, scene
+
+
+def test_mirror_twin_holds_the_opposite_relation_with_the_same_objects():
+    for seed in range(400, 440):
+        scene = sample_scene(seed, n_objects=2)
+        twin = mirror_scene(scene)
+        (a, b), (ta, tb) = scene.objects, twin.objects
+        assert twin.relation != scene.relation
+        assert relation_holds(twin.relation, (ta.cx, ta.cy), (tb.cx, tb.cy))
+        assert not relation_holds(scene.relation, (ta.cx, ta.cy), (tb.cx, tb.cy))
+        for o, t in ((a, ta), (b, tb)):  # only the places along the relation's axis change
+            assert (t.shape, t.color, t.size, t.texture) == (o.shape, o.color, o.size, o.texture)
+        back = mirror_scene(twin)  # mirroring twice gives the scene back
+        assert back.relation == scene.relation
+        assert np.allclose([(o.cx, o.cy) for o in back.objects], [(o.cx, o.cy) for o in scene.objects])
+        masks = render(twin).masks  # still two whole, separate objects inside the image
+        assert masks.shape[0] == 2 and masks[0].sum() > 0 and masks[1].sum() > 0 and not (masks[0] & masks[1]).any()
+    with pytest.raises(ValueError, match="two-object"):
+        mirror_scene(sample_scene(1, n_objects=1))
 
 
 def test_sample_scene_fixes_requested_attributes():

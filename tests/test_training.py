@@ -10,6 +10,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from lab.tinyworld import train
+from lab.tinyworld.world import mirror_scene
 
 TOY = ["--n-images", "48", "--vae-steps", "3", "--vae-batch", "8", "--decoder-steps", "2", "--unet-steps", "3",
        "--unet-batch", "8", "--eval-seeds", "0", "--threads", "1"]
@@ -100,3 +101,15 @@ def test_training_defaults_to_v_prediction_on_a_zero_terminal_snr_schedule(tmp_p
     train.main(["--out", str(tmp_path / "eps"), *TOY, "--prediction-type", "epsilon"])  # SD 1.x's schedule
     config = StableDiffusionPipeline.from_pretrained(str(tmp_path / "eps" / "pipeline")).scheduler.config
     assert config.prediction_type == "epsilon" and not config.rescale_betas_zero_snr
+
+
+def test_mirror_pairs_add_one_twin_per_two_object_scene_and_refresh_the_cache(tmp_path):
+    plain_images, plain = train.make_data(tmp_path, 40, workers=1)
+    images, scenes = train.make_data(tmp_path, 40, workers=1, mirror_pairs=True)  # a new config renders again
+    pairs = [s for s in plain if s.relation is not None]
+    assert len(scenes) == len(images) == 40 + len(pairs) and len(pairs) > 5
+    assert np.array_equal(images[:40], plain_images)
+    for scene, twin in zip(pairs, scenes[40:]):
+        assert twin.seed == scene.seed and twin == mirror_scene(scene)
+    again_images, again = train.make_data(tmp_path, 40, workers=1, mirror_pairs=True)  # cached
+    assert again == scenes and np.array_equal(again_images, images)

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from lab.tokens import TOKENIZER_DIR
 
 from . import model as tw_model
-from .world import Scene, caption, render, sample_scene
+from .world import Scene, caption, mirror_scene, render, sample_scene
 
 TRAIN_SEED_OFFSET = 0  # training scenes use seeds [0, n); evaluation splits use seeds >= 10_000_000
 
@@ -100,18 +100,32 @@ def _render_one(seed: int) -> tuple[np.ndarray, dict]:
     return render(scene).image, scene.to_dict()
 
 
-def make_data(out: Path, n: int, workers: int = 2) -> tuple[np.ndarray, list[Scene]]:
+def _render_mirror_twin(seed: int) -> tuple[np.ndarray, dict] | None:
+    scene = sample_scene(seed)
+    if scene.relation is None:
+        return None
+    twin = mirror_scene(scene)
+    return render(twin).image, twin.to_dict()
+
+
+def make_data(out: Path, n: int, workers: int = 2, mirror_pairs: bool = False) -> tuple[np.ndarray, list[Scene]]:
+    """`n` random scenes; with `mirror_pairs`, each two-object scene also gets its mirror twin (opposite relation)."""
     images_path, scenes_path = out / "data_images.npy", out / "data_scenes.json"
-    if images_path.exists() and scenes_path.exists():
-        scenes = [Scene.from_dict(d) for d in json.loads(scenes_path.read_text())]
-        if len(scenes) == n:
-            return np.load(images_path), scenes
+    config_path = out / "data_config.json"
+    config = {"n": n, "mirror_pairs": mirror_pairs}
+    if images_path.exists() and scenes_path.exists() and config_path.exists():
+        if json.loads(config_path.read_text()) == config:
+            return np.load(images_path), [Scene.from_dict(d) for d in json.loads(scenes_path.read_text())]
     seeds = range(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + n)
     with Pool(workers) as pool:
         results = list(tqdm(pool.imap(_render_one, seeds, chunksize=256), total=n, desc="render TinyWorld"))
+        if mirror_pairs:
+            twins = tqdm(pool.imap(_render_mirror_twin, seeds, chunksize=256), total=n, desc="render mirror twins")
+            results += [r for r in twins if r is not None]
     images = np.stack([r[0] for r in results])
     np.save(images_path, images)
     scenes_path.write_text(json.dumps([r[1] for r in results]))
+    config_path.write_text(json.dumps(config))
     return images, [Scene.from_dict(r[1]) for r in results]
 
 
@@ -162,7 +176,8 @@ def encode_latents(out: Path, vae, images: np.ndarray, device, batch: int = 256)
     path = out / "latents.safetensors"
     if path.exists():
         d = load_file(str(path))
-        return d["latents"], float(d["scaling_factor"])
+        if len(d["latents"]) == len(images):  # else the data changed: encode again
+            return d["latents"], float(d["scaling_factor"])
     vae.eval()
     chunks = []
     for i in tqdm(range(0, len(images), batch), desc="encode latents"):
@@ -396,6 +411,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/tinyworld"), help="working folder (checkpoints, cache)")
     p.add_argument("--export", type=Path, default=None, help="pipeline folder to write (default: OUT/pipeline)")
     p.add_argument("--n-images", type=int, default=60_000)
+    p.add_argument("--mirror-pairs", action=argparse.BooleanOptionalAction, default=True,
+                   help="add each two-object scene's mirror twin with the opposite relation (teaches left/right, above/below)")
     p.add_argument("--vae-steps", type=int, default=1400)
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--decoder-steps", type=int, default=1500, help="decoder fine-tuning on frozen latents")
@@ -430,7 +447,7 @@ def main(argv=None) -> None:
         init_from_pipeline(args.out, args.init_from)
     t0 = time.time()
     timings = {}
-    images, scenes = make_data(args.out, args.n_images)
+    images, scenes = make_data(args.out, args.n_images, mirror_pairs=args.mirror_pairs)
     timings["data_s"] = time.time() - t0
     vae = train_vae(args.out, images, args.vae_steps, args.vae_batch, 1e-3, args.seed, args.device)
     timings["vae_s"] = time.time() - t0 - sum(timings.values())

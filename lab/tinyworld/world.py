@@ -256,6 +256,22 @@ def _place_pair(rng: np.random.Generator, a: WorldObject, b: WorldObject, relati
         obj.cx, obj.cy = (float(np.clip(v, r + 1, size - r - 1)) for v in position)
 
 
+_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def mirror_scene(scene: Scene, size: int = IMAGE_SIZE) -> Scene:
+    """The same two objects with their places mirrored along the relation's axis, and the opposite relation.
+
+    Training on a scene and its mirror twin gives the model pairs of captions that differ only in the
+    relation word ("left of" / "right of") over images that differ only in which side each object is on:
+    the one cue for the direction. Shapes stay upright (only centres move), so no upside-down hearts."""
+    if scene.relation is None:
+        raise ValueError("mirror_scene needs a two-object scene with a relation")
+    along = "cx" if scene.relation in ("left of", "right of") else "cy"
+    objects = [dataclasses.replace(o, **{along: size - getattr(o, along)}) for o in scene.objects]
+    return Scene(objects, scene.background, _OPPOSITE[scene.relation], scene.seed)
+
+
 def relation_holds(relation: str, a: tuple[float, float], b: tuple[float, float]) -> bool:
     """Does object at centre a stand in `relation` to object at centre b? Dominant-axis rule."""
     dx, dy = a[0] - b[0], a[1] - b[1]
