@@ -66,3 +66,18 @@ def test_judged_smoke_set_of_single_objects(pipe):
     # Chance is 1/48 per image (6 shapes x 8 colours). The model gets ~94 % of single objects right on
     # the held-out split (datasets/tinyworld/README.md); 6 of 8 leaves room for seed luck, not for a regression.
     assert sum(correct) >= 6, list(zip(prompts, correct))
+
+
+def test_first_step_layout_probe_reads_the_model_and_leaves_sampling_as_it_was(pipe):
+    from lab.tinyworld.evaluate import first_step_layout
+
+    def generate():
+        return np.asarray(pipe("a red circle left of a blue square", num_inference_steps=8, guidance_scale=5.0,
+                               generator=torch.Generator().manual_seed(0)).images[0])
+    before = generate()
+    prompts = ["a red circle left of a blue square", "a green star above a yellow heart", "a red circle and a red star"]
+    result = first_step_layout(pipe, prompts, seeds=(0, 1), steps=8)
+    assert result["n_images"] == 6 and result["n_read"] <= 4  # same-colour pairs cannot be read by colour
+    if result["n_read"]:
+        assert 0 <= result["right_side"] + result["mirrored"] <= 1
+    assert np.array_equal(generate(), before)

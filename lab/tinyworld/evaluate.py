@@ -146,6 +146,74 @@ def relation_swap_test(pipe, prompts: list[str], seeds=(0, 1, 2, 3), steps: int 
             "both_relations_correct": both_right / n}
 
 
+def colour_centroid(image: np.ndarray, color: str, spread: float = 40.0) -> tuple[float, float] | None:
+    """Centre (x, y) of the pixels near one palette colour, weighted by closeness; None if none is near.
+
+    Soft on purpose: it also reads the blurry clean-image estimates of a model's first sampling step, where
+    a blob drawn as the mixture of two colours (say purple for red + blue) counts little for either."""
+    distance = np.linalg.norm(image.astype(np.float64) - np.array(COLORS[color], dtype=np.float64), axis=-1)
+    weight = np.exp(-0.5 * (distance / spread) ** 2)
+    if weight.sum() < 1.0:
+        return None
+    ys, xs = np.mgrid[: image.shape[0], : image.shape[1]]
+    return float((weight * xs).sum() / weight.sum()), float((weight * ys).sum() / weight.sum())
+
+
+def relation_offset(image: np.ndarray, prompt: str) -> float | None:
+    """How far (pixels) the first named object sits on the relation's side of the second, judged by colour
+    centroids: positive when the picture agrees with the relation, negative when it is mirrored, ~0 when
+    both places hold the same mixture. None if the prompt names no relation or two different colours."""
+    spec = parse_prompt(prompt)
+    a, b = (spec.objects + [{}, {}])[:2]
+    if spec.relation is None or not a.get("color") or not b.get("color") or a["color"] == b["color"]:
+        return None
+    ca, cb = colour_centroid(image, a["color"]), colour_centroid(image, b["color"])
+    if ca is None or cb is None:
+        return None
+    along = 0 if spec.relation in ("left of", "right of") else 1
+    sign = -1.0 if spec.relation in ("left of", "above") else 1.0  # where the first object should be
+    return sign * (ca[along] - cb[along])
+
+
+@torch.no_grad()
+def first_step_layout(pipe, prompts: list[str], seeds=(0, 1, 2, 3), steps: int = 20, guidance: float = 5.0,
+                      batch: int = 16, min_offset_px: float = 2.0) -> dict:
+    """Does the model place the objects as the relation says before the noise has any say?
+
+    At the first sampling step the model's estimate of the clean image (with classifier-free guidance, as
+    sampling uses it) is decoded, and each object's colour centroid located. With pure noise as input
+    (a zero-terminal-SNR schedule) this estimate is the model's average picture for the prompt: if it
+    knows where each object goes it shows them on the right sides; if it only knows the relation's axis
+    it shows two blobs on that axis, each a mixture of both objects, and the noise decides later."""
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(steps)
+    t = scheduler.timesteps[0]
+    alpha = scheduler.alphas_cumprod[int(t)]
+    jobs = [(p, s) for p in prompts for s in seeds]
+    offsets = []
+    for i in tqdm(range(0, len(jobs), batch), desc="first-step layout"):
+        chunk = jobs[i : i + batch]
+        cond, uncond = pipe.encode_prompt([p for p, _ in chunk], pipe.device, 1, True, negative_prompt=[""] * len(chunk))
+        shape = (1, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+        noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for _, s in chunk])
+        noise = (noise * scheduler.init_noise_sigma).to(pipe.device, pipe.unet.dtype)
+        x = scheduler.scale_model_input(torch.cat([noise, noise]), t)
+        out_uncond, out_cond = pipe.unet(x, t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+        out = out_uncond + guidance * (out_cond - out_uncond)
+        if scheduler.config.prediction_type == "v_prediction":
+            clean = alpha.sqrt() * noise - (1 - alpha).sqrt() * out
+        else:  # epsilon (SD 1.x's schedule never reaches pure noise, so alpha > 0)
+            clean = (noise - (1 - alpha).sqrt() * out) / alpha.sqrt()
+        images = pipe.vae.decode(clean / pipe.vae.config.scaling_factor).sample
+        images = ((images.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).float().cpu().numpy()
+        offsets += [relation_offset(im, p) for (p, _), im in zip(chunk, images)]
+    read = [o for o in offsets if o is not None]
+    return {"n_images": len(offsets), "n_read": len(read),
+            "right_side": sum(o >= min_offset_px for o in read) / len(read) if read else None,
+            "mirrored": sum(o <= -min_offset_px for o in read) / len(read) if read else None,
+            "median_offset_px": float(np.median(read)) if read else None}
+
+
 def summarize(scores: list[tuple[str, dict]]) -> dict:
     def rate(values):
         values = [v for v in values if v is not None]
@@ -186,6 +254,8 @@ def main(argv=None) -> None:
         results["model"] = evaluate_model(pipe, seeds=seeds, steps=args.steps, guidance=args.guidance)
         results["model"]["relation_swap"] = relation_swap_test(pipe, prompt_split()["pairs"], seeds=seeds,
                                                                steps=args.steps, guidance=args.guidance)
+        results["model"]["first_step_layout"] = first_step_layout(pipe, prompt_split()["pairs"], seeds=seeds,
+                                                                  steps=args.steps, guidance=args.guidance)
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:
