@@ -177,20 +177,21 @@ def relation_offset(image: np.ndarray, prompt: str) -> float | None:
 
 @torch.no_grad()
 def first_step_layout(pipe, prompts: list[str], seeds=(0, 1, 2, 3), steps: int = 20, guidance: float = 5.0,
-                      batch: int = 16, min_offset_px: float = 2.0) -> dict:
+                      batch: int = 16, min_offset_px: float = 2.0, return_images: bool = False) -> dict:
     """Does the model place the objects as the relation says before the noise has any say?
 
     At the first sampling step the model's estimate of the clean image (with classifier-free guidance, as
     sampling uses it) is decoded, and each object's colour centroid located. With pure noise as input
     (a zero-terminal-SNR schedule) this estimate is the model's average picture for the prompt: if it
     knows where each object goes it shows them on the right sides; if it only knows the relation's axis
-    it shows two blobs on that axis, each a mixture of both objects, and the noise decides later."""
+    it shows two blobs on that axis, each a mixture of both objects, and the noise decides later.
+    `return_images` adds the decoded estimates (uint8, one per prompt and seed, prompt-major)."""
     scheduler = pipe.scheduler
     scheduler.set_timesteps(steps)
     t = scheduler.timesteps[0]
     alpha = scheduler.alphas_cumprod[int(t)]
     jobs = [(p, s) for p in prompts for s in seeds]
-    offsets = []
+    offsets, decoded = [], []
     for i in tqdm(range(0, len(jobs), batch), desc="first-step layout"):
         chunk = jobs[i : i + batch]
         cond, uncond = pipe.encode_prompt([p for p, _ in chunk], pipe.device, 1, True, negative_prompt=[""] * len(chunk))
@@ -207,8 +208,9 @@ def first_step_layout(pipe, prompts: list[str], seeds=(0, 1, 2, 3), steps: int =
         images = pipe.vae.decode(clean / pipe.vae.config.scaling_factor).sample
         images = ((images.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).float().cpu().numpy()
         offsets += [relation_offset(im, p) for (p, _), im in zip(chunk, images)]
+        decoded += list(images.round().astype(np.uint8)) if return_images else []
     read = [o for o in offsets if o is not None]
-    return {"n_images": len(offsets), "n_read": len(read),
+    return {**({"images": decoded} if return_images else {}),"n_images": len(offsets), "n_read": len(read),
             "right_side": sum(o >= min_offset_px for o in read) / len(read) if read else None,
             "mirrored": sum(o <= -min_offset_px for o in read) / len(read) if read else None,
             "median_offset_px": float(np.median(read)) if read else None}
