@@ -3,7 +3,8 @@
     sdlab tinyworld train --out runs/tinyworld          # all stages; re-run the same command to resume
 
 Stages, each checkpointed and skipped when already done:
-  1. data    render the training scenes (images + ground truth) once, to a cache
+  1. data    render the training scenes (images + ground truth) once, to a cache; with --mirror-pairs
+             (default) each two-object scene also as its mirror twin with the opposite relation
   2. vae     train the AutoencoderKL on the images (L1 + MSE reconstruction, SD's tiny KL weight)
   3. latents encode every image once; the latent scaling factor is 1 / std of the latents, as in SD
   4. unet    train UNet + CLIP text encoder jointly on noised latents: v-prediction on a zero-terminal-SNR
