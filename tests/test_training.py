@@ -113,3 +113,20 @@ def test_mirror_pairs_add_one_twin_per_two_object_scene_and_refresh_the_cache(tm
         assert twin.seed == scene.seed and twin == mirror_scene(scene)
     again_images, again = train.make_data(tmp_path, 40, workers=1, mirror_pairs=True)  # cached
     assert again == scenes and np.array_equal(again_images, images)
+
+
+def test_reinit_words_gives_only_those_words_fresh_distinct_embeddings():
+    from lab.tinyworld import model as tw_model
+
+    text_encoder, tokenizer = tw_model.make_text_encoder(), tw_model.make_tokenizer()
+    table = text_encoder.get_input_embeddings().weight
+    table.data[:] = 0.02 * torch.randn_like(table)
+    ids = [tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("left", "right")]
+    table.data[ids[1]] = table.data[ids[0]]  # two words that drifted together
+    before = table.detach().clone()
+    train.reinit_word_embeddings(text_encoder, tokenizer, ("left", "right"), seed=0)
+    changed = (table != before).any(dim=1).nonzero().flatten().tolist()
+    assert sorted(changed) == sorted(ids)
+    assert torch.cosine_similarity(table[ids[0]], table[ids[1]], dim=0) < 0.5
+    with pytest.raises(ValueError, match="single-token"):
+        train.reinit_word_embeddings(text_encoder, tokenizer, ("to the left",), seed=0)

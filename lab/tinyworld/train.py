@@ -267,9 +267,26 @@ def loss_weight(snr: torch.Tensor, min_snr_gamma: float = 5.0, layout_weight: fl
     return clean_latent_weight / (snr + 1 if prediction_type == "v_prediction" else snr)
 
 
+@torch.no_grad()
+def reinit_word_embeddings(text_encoder, tokenizer, words: tuple[str, ...], seed: int) -> None:
+    """Give `words` fresh, random input embeddings (at the table's scale) before continuing a model.
+
+    Words the loss could not use for a while (TinyWorld's relation words, while the model could not
+    place objects by them) drift together; "left" and "right" end near-identical, and a continued run
+    then has to pull them apart first. Each word must be a single token."""
+    table = text_encoder.get_input_embeddings().weight
+    generator = torch.Generator().manual_seed(seed)
+    for word in words:
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ValueError(f"--reinit-words: {word!r} is {len(ids)} tokens; give single-token words")
+        table[ids[0]] = torch.randn(table.shape[1], generator=generator).to(table) * table.std()
+
+
 def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Scene], steps: int, batch: int,
                lr: float, seed: int, device, cfg_dropout: float = 0.1, min_snr_gamma: float = 5.0,
-               layout_weight: float = 0.0, scheduler=None, max_minutes: float | None = None):
+               layout_weight: float = 0.0, scheduler=None, max_minutes: float | None = None,
+               reinit_words: tuple[str, ...] = ()):
     torch.manual_seed(seed)
     unet, text_encoder = tw_model.make_unet().to(device), tw_model.make_text_encoder().to(device)
     tokenizer, scheduler = tw_model.make_tokenizer(), scheduler or tw_model.make_scheduler()
@@ -286,6 +303,8 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
     if (out / "unet_init.safetensors").exists() and not (out / "unet_ckpt" / "state.json").exists():
         unet.load_state_dict(load_file(str(out / "unet_init.safetensors")))  # --init-from: continue a shipped model
         text_encoder.load_state_dict(load_file(str(out / "text_encoder_init.safetensors")))
+        if reinit_words:
+            reinit_word_embeddings(text_encoder, tokenizer, reinit_words, seed)
         ema_u, ema_t = EMA(unet, 0.999), EMA(text_encoder, 0.999)
     start, losses = _load_ckpt(out, "unet", modules, opt)
     if start:
@@ -414,6 +433,8 @@ def main(argv=None) -> None:
     p.add_argument("--n-images", type=int, default=60_000)
     p.add_argument("--mirror-pairs", action=argparse.BooleanOptionalAction, default=True,
                    help="add each two-object scene's mirror twin with the opposite relation (teaches left/right, above/below)")
+    p.add_argument("--reinit-words", default="",
+                   help="with --init-from: comma-separated words whose input embeddings start afresh (e.g. left,right,above,below)")
     p.add_argument("--vae-steps", type=int, default=1400)
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--decoder-steps", type=int, default=1500, help="decoder fine-tuning on frozen latents")
@@ -460,7 +481,8 @@ def main(argv=None) -> None:
         return
     unet, text_encoder = train_unet(args.out, latents, scaling, scenes, args.unet_steps, args.unet_batch, args.lr,
                                     args.seed, args.device, layout_weight=args.layout_weight,
-                                    scheduler=scheduler, max_minutes=args.unet_minutes)
+                                    scheduler=scheduler, max_minutes=args.unet_minutes,
+                                    reinit_words=tuple(w for w in args.reinit_words.split(",") if w))
     timings["unet_s"] = time.time() - t0 - sum(timings.values())
     folder = export_pipeline(vae, unet, text_encoder, scaling, args.export or args.out / "pipeline", scheduler)
     plot_losses(args.out, args.out / "training_losses.png")
