@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .judge import judge_rendered, parse_prompt, score_prompt
-from .world import COLORS, RELATIONS, SHAPES, TEXTURES, render, sample_scene
+from .world import COLORS, OPPOSITE_RELATION, RELATIONS, SHAPES, TEXTURES, render, sample_scene
 
 EVAL_SEED = 10_000_000
 JUDGE_SPLIT = range(EVAL_SEED, EVAL_SEED + 500)
@@ -101,9 +101,6 @@ def evaluate_model(pipe, seeds=(0, 1, 2, 3), steps: int = 20, guidance: float = 
             scores += [(p, score_prompt(p, im)) for (p, _), im in zip(chunk, images)]
         out[name] = summarize(scores)
     return out
-
-
-OPPOSITE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
 def mirrored(prompt: str) -> str:
@@ -210,7 +207,7 @@ def first_step_layout(pipe, prompts: list[str], seeds=(0, 1, 2, 3), steps: int =
         offsets += [relation_offset(im, p) for (p, _), im in zip(chunk, images)]
         decoded += list(images.round().astype(np.uint8)) if return_images else []
     read = [o for o in offsets if o is not None]
-    return {**({"images": decoded} if return_images else {}),"n_images": len(offsets), "n_read": len(read),
+    return {**({"images": decoded} if return_images else {}), "n_images": len(offsets), "n_read": len(read),
             "right_side": sum(o >= min_offset_px for o in read) / len(read) if read else None,
             "mirrored": sum(o <= -min_offset_px for o in read) / len(read) if read else None,
             "median_offset_px": float(np.median(read)) if read else None}

@@ -101,12 +101,8 @@ def _render_one(seed: int) -> tuple[np.ndarray, dict]:
     return render(scene).image, scene.to_dict()
 
 
-def _render_mirror_twin(seed: int) -> tuple[np.ndarray, dict] | None:
-    scene = sample_scene(seed)
-    if scene.relation is None:
-        return None
-    twin = mirror_scene(scene)
-    return render(twin).image, twin.to_dict()
+def _render_scene(scene: Scene) -> tuple[np.ndarray, dict]:
+    return render(scene).image, scene.to_dict()
 
 
 def make_data(out: Path, n: int, workers: int = 2, mirror_pairs: bool = False) -> tuple[np.ndarray, list[Scene]]:
@@ -121,8 +117,8 @@ def make_data(out: Path, n: int, workers: int = 2, mirror_pairs: bool = False) -
     with Pool(workers) as pool:
         results = list(tqdm(pool.imap(_render_one, seeds, chunksize=256), total=n, desc="render TinyWorld"))
         if mirror_pairs:
-            twins = tqdm(pool.imap(_render_mirror_twin, seeds, chunksize=256), total=n, desc="render mirror twins")
-            results += [r for r in twins if r is not None]
+            twins = [mirror_scene(Scene.from_dict(d)) for _, d in results if d["relation"] is not None]
+            results += list(tqdm(pool.imap(_render_scene, twins, chunksize=256), total=len(twins), desc="render mirror twins"))
     images = np.stack([r[0] for r in results])
     np.save(images_path, images)
     scenes_path.write_text(json.dumps([r[1] for r in results]))
@@ -464,6 +460,8 @@ def main(argv=None) -> None:
     except ValueError as error:
         p.error(f"{error} (--prediction-type v_prediction)")
     torch.set_num_threads(args.threads)
+    if args.reinit_words and not args.init_from:
+        p.error("--reinit-words re-initialises words of a model being continued: give --init-from too")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.init_from and not (args.out / "unet_init.safetensors").exists():
         init_from_pipeline(args.out, args.init_from)

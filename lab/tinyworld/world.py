@@ -256,7 +256,7 @@ def _place_pair(rng: np.random.Generator, a: WorldObject, b: WorldObject, relati
         obj.cx, obj.cy = (float(np.clip(v, r + 1, size - r - 1)) for v in position)
 
 
-_OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+OPPOSITE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
 def mirror_scene(scene: Scene, size: int = IMAGE_SIZE) -> Scene:
@@ -269,7 +269,7 @@ def mirror_scene(scene: Scene, size: int = IMAGE_SIZE) -> Scene:
         raise ValueError("mirror_scene needs a two-object scene with a relation")
     along = "cx" if scene.relation in ("left of", "right of") else "cy"
     objects = [dataclasses.replace(o, **{along: size - getattr(o, along)}) for o in scene.objects]
-    return Scene(objects, scene.background, _OPPOSITE[scene.relation], scene.seed)
+    return Scene(objects, scene.background, OPPOSITE_RELATION[scene.relation], scene.seed)
 
 
 def relation_holds(relation: str, a: tuple[float, float], b: tuple[float, float]) -> bool:
