@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..daam import predicted_clean_latents
 from .judge import judge_rendered, parse_prompt, score_prompt
 from .world import COLORS, OPPOSITE_RELATION, RELATIONS, SHAPES, TEXTURES, render, sample_scene
 
@@ -198,10 +199,7 @@ def first_step_layout(pipe, prompts: list[str], seeds=(0, 1, 2, 3), steps: int =
         x = scheduler.scale_model_input(torch.cat([noise, noise]), t)
         out_uncond, out_cond = pipe.unet(x, t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
         out = out_uncond + guidance * (out_cond - out_uncond)
-        if scheduler.config.prediction_type == "v_prediction":
-            clean = alpha.sqrt() * noise - (1 - alpha).sqrt() * out
-        else:  # epsilon (SD 1.x's schedule never reaches pure noise, so alpha > 0)
-            clean = (noise - (1 - alpha).sqrt() * out) / alpha.sqrt()
+        clean = predicted_clean_latents(noise, out, float(alpha), scheduler.config.prediction_type).to(out.dtype)
         images = pipe.vae.decode(clean / pipe.vae.config.scaling_factor).sample
         images = ((images.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).float().cpu().numpy()
         offsets += [relation_offset(im, p) for (p, _), im in zip(chunk, images)]
