@@ -104,15 +104,118 @@ def test_training_defaults_to_v_prediction_on_a_zero_terminal_snr_schedule(tmp_p
 
 
 def test_mirror_pairs_add_one_twin_per_two_object_scene_and_refresh_the_cache(tmp_path):
-    plain_images, plain = train.make_data(tmp_path, 40, workers=1)
-    images, scenes = train.make_data(tmp_path, 40, workers=1, mirror_pairs=True)  # a new config renders again
+    plain_images, plain, _ = train.make_data(tmp_path, 40, workers=1)
+    images, scenes, masks = train.make_data(tmp_path, 40, workers=1, mirror_pairs=True)  # a new config renders again
     pairs = [s for s in plain if s.relation is not None]
     assert len(scenes) == len(images) == 40 + len(pairs) and len(pairs) > 5
     assert np.array_equal(images[:40], plain_images)
     for scene, twin in zip(pairs, scenes[40:]):
         assert twin.seed == scene.seed and twin == mirror_scene(scene)
-    again_images, again = train.make_data(tmp_path, 40, workers=1, mirror_pairs=True)  # cached
-    assert again == scenes and np.array_equal(again_images, images)
+    again_images, again, again_masks = train.make_data(tmp_path, 40, workers=1, mirror_pairs=True)  # cached
+    assert again == scenes and np.array_equal(again_images, images) and np.array_equal(again_masks, masks)
+
+
+def test_make_data_keeps_each_objects_true_mask_at_the_latent_resolution(tmp_path):
+    from lab.tinyworld.world import render
+
+    images, scenes, masks = train.make_data(tmp_path, 24, workers=1, mirror_pairs=True)
+    assert masks.shape == (len(scenes), 3, 16, 16) and masks.dtype == np.uint8
+    for scene, image, mask in zip(scenes, images, masks):
+        rendered = render(scene)
+        assert np.array_equal(rendered.image, image)
+        for k in range(3):
+            if k >= len(scene.objects):
+                assert not mask[k].any()  # no such object: an empty mask
+                continue
+            coverage = rendered.masks[k].reshape(16, 4, 16, 4).mean(axis=(1, 3))
+            assert np.abs(mask[k] / 255 - coverage).max() <= 0.5 / 255 + 1e-6
+            # the mask lies where the object is: its centre cell is covered
+            assert mask[k][int(scene.objects[k].cy // 4), int(scene.objects[k].cx // 4)] > 0
+
+
+def test_object_nouns_finds_each_objects_shape_word_in_any_caption():
+    from lab.tinyworld import model as tw_model
+    from lab.tinyworld.world import caption, sample_scene
+
+    tokenizer = tw_model.make_tokenizer()
+    shape_ids = train.shape_token_ids(tokenizer)
+    assert sorted(shape_ids.values()) == sorted(train.SHAPES)
+    found = 0
+    for seed in range(300):
+        scene = sample_scene(seed)
+        rng = np.random.default_rng(seed)
+        for _ in range(3):  # several templates and attribute orders per scene
+            ids = tokenizer(caption(scene, rng)).input_ids
+            positions = train.object_nouns(ids, scene, shape_ids)
+            assert positions is not None and len(positions) == len(scene.objects)
+            assert positions == sorted(positions)
+            for position, obj in zip(positions, scene.objects):
+                assert tokenizer.decode([ids[position]]).strip() == obj.shape
+            found += len(positions)
+    assert found > 900
+    assert train.object_nouns(tokenizer("").input_ids, sample_scene(0), shape_ids) is None  # CFG-dropped caption
+
+
+def test_grounding_loss_is_zero_inside_the_mask_and_one_outside():
+    masks = torch.zeros(2, 3, 16, 16)
+    masks[0, 0, :8, :8] = 1  # object 0 of row 0: top-left quarter
+    masks[1, 1, 8:, 8:] = 1  # object 1 of row 1: bottom-right quarter
+    inside = torch.zeros(2, 256, 77)
+    inside[0, :, 5] = masks[0, 0].flatten()  # token 5 of row 0 attends only inside its object
+    inside[1, :, 9] = masks[1, 1].flatten()
+    rows, tokens, objects = torch.tensor([0, 1]), torch.tensor([5, 9]), torch.tensor([0, 1])
+    coarse = inside.view(2, 16, 16, 77).permute(0, 3, 1, 2)
+    coarse = torch.nn.functional.avg_pool2d(coarse, 2).permute(0, 2, 3, 1).reshape(2, 64, 77)
+    probs = {"a16": inside, "a8": coarse}
+    assert train.grounding_loss(probs, rows, tokens, objects, masks).item() == pytest.approx(0.0, abs=1e-6)
+    outside = {name: p.roll(shifts=p.shape[1] // 2, dims=1) for name, p in probs.items()}  # the other half
+    assert train.grounding_loss(outside, rows, tokens, objects, masks).item() == pytest.approx(1.0, abs=1e-6)
+    uniform = {"a16": torch.ones(2, 256, 77, requires_grad=True)}
+    loss = train.grounding_loss(uniform, rows, tokens, objects, masks)
+    assert loss.item() == pytest.approx(0.75 ** 2, abs=1e-6)  # a quarter of uniform attention is inside
+    loss.backward()
+    assert uniform["a16"].grad[0, :, 5].abs().sum() > 0 and uniform["a16"].grad[0, :, 6].abs().sum() == 0
+
+
+def test_training_with_the_grounding_loss_pulls_attention_into_the_masks_and_unhooks(tmp_path):
+    """A few steps on the grounding loss alone raise the attention mass inside the true masks (the
+    gradient reaches the model through lab's hooks), and the UNet ends with its own processors."""
+    from lab import hooks
+    from lab.tinyworld import model as tw_model
+
+    images, scenes, masks = train.make_data(tmp_path, 16, workers=1)
+    torch.manual_seed(0)
+    latents = torch.randn(len(scenes), 4, 16, 16)
+    out = tmp_path / "run"
+    out.mkdir()
+    processors_before = {name: type(p) for name, p in tw_model.make_unet().attn_processors.items()}
+
+    def grounding_of(unet, text_encoder):
+        tokenizer, shape_ids = tw_model.make_tokenizer(), train.shape_token_ids(tw_model.make_tokenizer())
+        texts = [train.caption(s, 0) for s in scenes]
+        ids = tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+        nouns = [(r, t, o) for r, s in enumerate(scenes) for o, t in enumerate(train.object_nouns(ids[r].tolist(), s, shape_ids))]
+        rows, tokens, objects = (torch.tensor(c) for c in zip(*nouns))
+        with torch.no_grad(), hooks.trace(unet, guidance="none") as tr:
+            attention = tr.capture(list(train.GROUNDING_SITES), "probs", reduce=hooks.Mean(over=("steps", "heads")))
+            unet(latents, torch.full((len(scenes),), 500), encoder_hidden_states=text_encoder(ids)[0])
+            return train.grounding_loss(attention.result(), rows, tokens, objects, torch.from_numpy(masks).float() / 255)
+
+    unet, text_encoder = train.train_unet(out, latents, 1.0, scenes, steps=1, batch=8, lr=0.0, seed=0, device="cpu",
+                                          masks=masks, grounding_weight=1.0)
+    start = grounding_of(unet, text_encoder)
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    unet, text_encoder = train.train_unet(trained, latents, 1.0, scenes, steps=30, batch=8, lr=3e-3, seed=0,
+                                          device="cpu", cfg_dropout=0.0, masks=masks, grounding_weight=100.0)
+    state = json.loads((trained / "unet_final" / "state.json").read_text())
+    assert len(state["grounding_losses"]) == 30 and state["grounding_weight"] == 100.0
+    assert {name: type(p) for name, p in unet.attn_processors.items()} == processors_before
+    assert not hooks.active_hooks(unet)
+    assert grounding_of(unet, text_encoder) < start - 0.05
+    with pytest.raises(ValueError, match="masks"):
+        train.train_unet(tmp_path / "no_masks", latents, 1.0, scenes, steps=1, batch=8, lr=0.0, seed=0, device="cpu",
+                         grounding_weight=1.0)
 
 
 def test_reinit_words_gives_only_those_words_fresh_distinct_embeddings():

@@ -22,6 +22,7 @@ same batches as an uninterrupted one. Uses a GPU when one is present.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -36,10 +37,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from lab import hooks
 from lab.tokens import TOKENIZER_DIR
 
 from . import model as tw_model
-from .world import Scene, caption, mirror_scene, render, sample_scene
+from .world import SHAPES, Scene, caption, mirror_scene, render, sample_scene
 
 TRAIN_SEED_OFFSET = 0  # training scenes use seeds [0, n); evaluation splits use seeds >= 10_000_000
 
@@ -96,34 +98,52 @@ def _load_ckpt(out: Path, stage: str, modules: dict, opt) -> tuple[int, list]:
 
 # ----------------------------------------------------------------------------- stage 1: data
 
-def _render_one(seed: int) -> tuple[np.ndarray, dict]:
-    scene = sample_scene(seed)
-    return render(scene).image, scene.to_dict()
+MASK_SIZE = 16  # object masks are kept at the latent's resolution, as the fraction of each cell covered
 
 
-def _render_scene(scene: Scene) -> tuple[np.ndarray, dict]:
-    return render(scene).image, scene.to_dict()
+def _pooled_masks(masks: np.ndarray, n_max: int = 3) -> np.ndarray:
+    """(n_objects, 64, 64) bool -> (n_max, 16, 16) uint8 coverage (0-255); absent objects are empty."""
+    out = np.zeros((n_max, MASK_SIZE, MASK_SIZE), np.uint8)
+    if len(masks):
+        k = masks.shape[-1] // MASK_SIZE
+        cover = masks.reshape(len(masks), MASK_SIZE, k, MASK_SIZE, k).mean(axis=(2, 4))
+        out[:len(masks)] = np.round(cover * 255)
+    return out
 
 
-def make_data(out: Path, n: int, workers: int = 2, mirror_pairs: bool = False) -> tuple[np.ndarray, list[Scene]]:
-    """`n` random scenes; with `mirror_pairs`, each two-object scene also gets its mirror twin (opposite relation)."""
-    images_path, scenes_path = out / "data_images.npy", out / "data_scenes.json"
+def _render_scene(scene: Scene) -> tuple[np.ndarray, dict, np.ndarray]:
+    rendered = render(scene)
+    return rendered.image, scene.to_dict(), _pooled_masks(rendered.masks)
+
+
+def _render_one(seed: int) -> tuple[np.ndarray, dict, np.ndarray]:
+    return _render_scene(sample_scene(seed))
+
+
+def make_data(out: Path, n: int, workers: int = 2, mirror_pairs: bool = False) -> tuple[np.ndarray, list[Scene], np.ndarray]:
+    """`n` random scenes; with `mirror_pairs`, each two-object scene also gets its mirror twin (opposite relation).
+
+    Returns the images (N, 64, 64, 3) uint8, the scenes, and each object's mask at the latent's
+    resolution (N, 3, 16, 16) uint8 coverage, for the grounding loss."""
+    images_path, scenes_path, masks_path = out / "data_images.npy", out / "data_scenes.json", out / "data_masks.npy"
     config_path = out / "data_config.json"
-    config = {"n": n, "mirror_pairs": mirror_pairs}
-    if images_path.exists() and scenes_path.exists() and config_path.exists():
+    config = {"n": n, "mirror_pairs": mirror_pairs, "mask_size": MASK_SIZE}
+    if all(p.exists() for p in (images_path, scenes_path, masks_path, config_path)):
         if json.loads(config_path.read_text()) == config:
-            return np.load(images_path), [Scene.from_dict(d) for d in json.loads(scenes_path.read_text())]
+            scenes = [Scene.from_dict(d) for d in json.loads(scenes_path.read_text())]
+            return np.load(images_path), scenes, np.load(masks_path)
     seeds = range(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + n)
     with Pool(workers) as pool:
         results = list(tqdm(pool.imap(_render_one, seeds, chunksize=256), total=n, desc="render TinyWorld"))
         if mirror_pairs:
-            twins = [mirror_scene(Scene.from_dict(d)) for _, d in results if d["relation"] is not None]
+            twins = [mirror_scene(Scene.from_dict(d)) for _, d, _ in results if d["relation"] is not None]
             results += list(tqdm(pool.imap(_render_scene, twins, chunksize=256), total=len(twins), desc="render mirror twins"))
-    images = np.stack([r[0] for r in results])
+    images, masks = np.stack([r[0] for r in results]), np.stack([r[2] for r in results])
     np.save(images_path, images)
+    np.save(masks_path, masks)
     scenes_path.write_text(json.dumps([r[1] for r in results]))
     config_path.write_text(json.dumps(config))
-    return images, [Scene.from_dict(r[1]) for r in results]
+    return images, [Scene.from_dict(r[1]) for r in results], masks
 
 
 def _to_tensor(images: np.ndarray, device) -> torch.Tensor:
@@ -279,10 +299,57 @@ def reinit_word_embeddings(text_encoder, tokenizer, words: tuple[str, ...], seed
         table[ids[0]] = torch.randn(table.shape[1], generator=generator).to(table) * table.std()
 
 
+GROUNDING_SITES = ("cross 16x16", "cross 8x8")  # the cross-attention layers whose maps the grounding loss shapes
+
+
+def shape_token_ids(tokenizer) -> dict[int, str]:
+    """{token id: shape word}; every TinyWorld shape name is one CLIP token."""
+    ids = {}
+    for shape in SHAPES:
+        tokens = tokenizer(shape, add_special_tokens=False).input_ids
+        assert len(tokens) == 1, f"{shape!r} is {len(tokens)} tokens"
+        ids[tokens[0]] = shape
+    return ids
+
+
+def object_nouns(ids: list[int], scene: Scene, shape_ids: dict[int, str]) -> list[int] | None:
+    """Token position of each object's noun in a tokenized caption, objects in scene order.
+
+    Captions name the objects in order, each by one shape word, and no other shape word occurs, so
+    the i-th shape token names objects[i]. None when that does not hold (an empty, CFG-dropped caption)."""
+    positions = [i for i, token in enumerate(ids) if token in shape_ids]
+    if len(positions) != len(scene.objects):
+        return None
+    if any(shape_ids[ids[p]] != obj.shape for p, obj in zip(positions, scene.objects)):
+        return None
+    return positions
+
+
+def grounding_loss(probs: dict[str, torch.Tensor], rows: torch.Tensor, tokens: torch.Tensor,
+                   objects: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """TokenCompose's token loss (Wang et al., CVPR 2024): an object noun's cross-attention map,
+    normalised over the image, should fall inside that object's mask.
+
+    probs: {site: (batch, queries, keys)} head-averaged probabilities; (rows, tokens, objects): one
+    entry per grounded noun, its batch row, token position and object index; masks: (batch, objects,
+    16, 16) coverage in [0, 1], pooled to each site's resolution. Mean over sites and nouns of
+    (1 - attention mass inside the mask)^2."""
+    losses = []
+    for p in probs.values():
+        side = math.isqrt(p.shape[1])
+        mask = F.adaptive_avg_pool2d(masks, side).flatten(2)[rows, objects]  # (nouns, queries)
+        attention = p[rows, :, tokens]  # (nouns, queries)
+        attention = attention / attention.sum(-1, keepdim=True).clamp_min(1e-8)
+        losses.append((1 - (attention * mask).sum(-1)).pow(2).mean())
+    return torch.stack(losses).mean()
+
+
 def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Scene], steps: int, batch: int,
                lr: float, seed: int, device, cfg_dropout: float = 0.1, min_snr_gamma: float = 5.0,
                layout_weight: float = 0.0, scheduler=None, max_minutes: float | None = None,
-               reinit_words: tuple[str, ...] = ()):
+               reinit_words: tuple[str, ...] = (), masks: np.ndarray | None = None, grounding_weight: float = 0.0):
+    if grounding_weight and masks is None:
+        raise ValueError("grounding_weight needs the object masks (make_data's third result)")
     torch.manual_seed(seed)
     unet, text_encoder = tw_model.make_unet().to(device), tw_model.make_text_encoder().to(device)
     tokenizer, scheduler = tw_model.make_tokenizer(), scheduler or tw_model.make_scheduler()
@@ -306,48 +373,72 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
     if start:
         ema_u.shadow = load_file(str(out / "unet_ckpt" / "unet_ema.safetensors"))
         ema_t.shadow = load_file(str(out / "unet_ckpt" / "text_encoder_ema.safetensors"))
+    grounding_path = out / "unet_ckpt" / "grounding_losses.json"
+    grounding_losses = json.loads(grounding_path.read_text())[:start] if start and grounding_path.exists() else []
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     snr = alphas_cumprod / (1 - alphas_cumprod)
     unet.train()
     text_encoder.train()
+    shape_ids = shape_token_ids(tokenizer)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train UNet + text encoder")
     deadline = time.time() + 60 * max_minutes if max_minutes else float("inf")
-    for step in bar:
-        if time.time() > deadline:  # out of time: finish with the EMA weights reached so far
-            print(f"time budget reached at step {step}/{steps}")
-            break
-        rng = np.random.default_rng([seed, 2, step])
-        idx = rng.choice(len(latents), batch, replace=False)
-        texts = ["" if rng.random() < cfg_dropout else caption(scenes[i], rng) for i in idx]
-        ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-        x0 = latents[idx].float().to(device) * scaling
-        gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen).to(device)
-        xt = scheduler.add_noise(x0, noise, t)
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        cond = text_encoder(ids.to(device))[0]
-        pred = unet(xt, t, encoder_hidden_states=cond).sample
-        target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
-        weight = loss_weight(snr[t], min_snr_gamma, layout_weight, prediction_type)
-        loss = (weight * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema_u.update(unet, step)
-        ema_t.update(text_encoder, step)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
-        if (step + 1) % 250 == 0 and step + 1 < steps:
-            _save_ckpt(out, "unet", step + 1, modules, opt, losses)
-            save_file(ema_u.shadow, str(out / "unet_ckpt" / "unet_ema.safetensors"))
-            save_file(ema_t.shadow, str(out / "unet_ckpt" / "text_encoder_ema.safetensors"))
+    # The grounding loss reads cross-attention probabilities through lab's hooks, with their graph.
+    tracing = hooks.trace(unet, guidance="none", memory_limit=None) if grounding_weight else contextlib.nullcontext()
+    with tracing as trace:
+        attention = None
+        if grounding_weight:
+            attention = trace.capture(list(GROUNDING_SITES), "probs", reduce=hooks.Mean(over=("steps", "heads")),
+                                      device=None, detach=False)
+        for step in bar:
+            if time.time() > deadline:  # out of time: finish with the EMA weights reached so far
+                print(f"time budget reached at step {step}/{steps}")
+                break
+            rng = np.random.default_rng([seed, 2, step])
+            idx = rng.choice(len(latents), batch, replace=False)
+            texts = ["" if rng.random() < cfg_dropout else caption(scenes[i], rng) for i in idx]
+            ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+            x0 = latents[idx].float().to(device) * scaling
+            gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen).to(device)
+            xt = scheduler.add_noise(x0, noise, t)
+            for g in opt.param_groups:
+                g["lr"] = lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / steps))
+            cond = text_encoder(ids.to(device))[0]
+            pred = unet(xt, t, encoder_hidden_states=cond).sample
+            target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
+            weight = loss_weight(snr[t], min_snr_gamma, layout_weight, prediction_type)
+            loss = (weight * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
+            if attention is not None:
+                nouns = [(row, token, obj) for row, i in enumerate(idx)
+                         for obj, token in enumerate(object_nouns(ids[row].tolist(), scenes[i], shape_ids) or [])]
+                if nouns:
+                    rows, tokens, objects = (torch.tensor(c, device=device) for c in zip(*nouns))
+                    object_masks = torch.from_numpy(masks[idx]).to(device).float() / 255
+                    grounding = grounding_loss(attention.result(), rows, tokens, objects, object_masks)
+                    loss = loss + grounding_weight * grounding
+                    grounding_losses.append(grounding.item())
+                attention.reset()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            ema_u.update(unet, step)
+            ema_t.update(text_encoder, step)
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}",
+                            **({"grounding": f"{np.mean(grounding_losses[-100:]):.3f}"} if grounding_losses else {}))
+            if (step + 1) % 250 == 0 and step + 1 < steps:
+                _save_ckpt(out, "unet", step + 1, modules, opt, losses)
+                save_file(ema_u.shadow, str(out / "unet_ckpt" / "unet_ema.safetensors"))
+                save_file(ema_t.shadow, str(out / "unet_ckpt" / "text_encoder_ema.safetensors"))
+                (out / "unet_ckpt" / "grounding_losses.json").write_text(json.dumps(grounding_losses))
     final.mkdir(parents=True, exist_ok=True)
     save_file(ema_u.shadow, str(final / "unet_ema.safetensors"))
     save_file(ema_t.shadow, str(final / "text_encoder_ema.safetensors"))
-    (final / "state.json").write_text(json.dumps({"step": len(losses), "planned_steps": steps, "losses": losses}))
+    (final / "state.json").write_text(json.dumps({"step": len(losses), "planned_steps": steps, "losses": losses,
+                                                  "grounding_weight": grounding_weight,
+                                                  "grounding_losses": grounding_losses}))
     unet.load_state_dict(ema_u.shadow)
     text_encoder.load_state_dict(ema_t.shadow)
     return unet, text_encoder
@@ -381,15 +472,20 @@ def plot_losses(out: Path, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(name, title) for name, title in ((out / "vae_losses.json", "VAE reconstruction (L1+MSE)"),
-                                                 (out / "unet_final" / "state.json", "UNet denoising loss (Min-SNR-5)"))
-              if name.exists()]  # a run continued with --init-from trains no VAE
+    panels = []  # (title, values); a run continued with --init-from trains no VAE
+    if (out / "vae_losses.json").exists():
+        panels.append(("VAE reconstruction (L1+MSE)", json.loads((out / "vae_losses.json").read_text())))
+    if (out / "unet_final" / "state.json").exists():
+        state = json.loads((out / "unet_final" / "state.json").read_text())
+        title = "UNet loss (Min-SNR-5" + (f" + {state['grounding_weight']:g} x grounding)" if state.get("grounding_losses") else ")")
+        panels.append((title, state["losses"]))
+        if state.get("grounding_losses"):
+            panels.append(("grounding loss (1 - attention in mask)^2", state["grounding_losses"]))
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
-    for ax, (name, title) in zip(axes[0], panels):
-        data = json.loads(name.read_text())
-        values = np.array(data["losses"] if isinstance(data, dict) else data)
+    for ax, (title, values) in zip(axes[0], panels):
+        values = np.array(values)
         k = max(1, len(values) // 100)
         smooth = np.convolve(values, np.ones(k) / k, mode="valid")
         ax.plot(values, alpha=0.25, lw=0.5)
@@ -441,6 +537,9 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--layout-weight", type=float, default=1.0,
                    help="floor of the clean-latent loss weight at the noisiest steps (0: plain Min-SNR-5)")
+    p.add_argument("--grounding-weight", type=float, default=0.0,
+                   help="weight of TokenCompose's token loss, which pulls each object noun's cross-attention "
+                        "into the object's true mask (0: off)")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="v_prediction")
     p.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction, default=None,
                    help="rescale the schedule so its last step is pure noise (default with v-prediction; "
@@ -467,7 +566,7 @@ def main(argv=None) -> None:
         init_from_pipeline(args.out, args.init_from)
     t0 = time.time()
     timings = {}
-    images, scenes = make_data(args.out, args.n_images, mirror_pairs=args.mirror_pairs)
+    images, scenes, masks = make_data(args.out, args.n_images, mirror_pairs=args.mirror_pairs)
     timings["data_s"] = time.time() - t0
     vae = train_vae(args.out, images, args.vae_steps, args.vae_batch, 1e-3, args.seed, args.device)
     timings["vae_s"] = time.time() - t0 - sum(timings.values())
@@ -480,7 +579,8 @@ def main(argv=None) -> None:
     unet, text_encoder = train_unet(args.out, latents, scaling, scenes, args.unet_steps, args.unet_batch, args.lr,
                                     args.seed, args.device, layout_weight=args.layout_weight,
                                     scheduler=scheduler, max_minutes=args.unet_minutes,
-                                    reinit_words=tuple(w for w in args.reinit_words.split(",") if w))
+                                    reinit_words=tuple(w for w in args.reinit_words.split(",") if w),
+                                    masks=masks, grounding_weight=args.grounding_weight)
     timings["unet_s"] = time.time() - t0 - sum(timings.values())
     folder = export_pipeline(vae, unet, text_encoder, scaling, args.export or args.out / "pipeline", scheduler)
     plot_losses(args.out, args.out / "training_losses.png")
