@@ -11,7 +11,9 @@ Stages, each checkpointed and skipped when already done:
              schedule (the last step is pure noise, so only the text can place objects; --prediction-type
              epsilon gives SD 1.x's schedule), Min-SNR-5 weighting floored at the noisiest steps
              (--layout-weight), 10% caption dropout for classifier-free guidance, EMA of the weights.
-             Captions are re-drawn from each scene's ground truth every time it is seen.
+             Captions are re-drawn from each scene's ground truth every time it is seen. A grounding
+             loss (--grounding-weight, TokenCompose's token loss) pulls each object noun's 16x16 and
+             8x8 cross-attention into that object's true mask; lab's hooks read the attention.
   5. export  write a StableDiffusionPipeline folder (float32 safetensors) and a training report: loss
              curves (training_losses.png) and the judge's scores on the held-out prompts.
 
@@ -537,7 +539,7 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--layout-weight", type=float, default=1.0,
                    help="floor of the clean-latent loss weight at the noisiest steps (0: plain Min-SNR-5)")
-    p.add_argument("--grounding-weight", type=float, default=0.0,
+    p.add_argument("--grounding-weight", type=float, default=0.1,
                    help="weight of TokenCompose's token loss, which pulls each object noun's cross-attention "
                         "into the object's true mask (0: off)")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="v_prediction")
