@@ -19,17 +19,12 @@ import numpy as np
 import torch
 
 import lab
-from lab.tinyworld.evaluate import prompt_split
+from lab.tinyworld.evaluate import prompt_split, side_offset
+from lab.tinyworld.judge import parse_prompt
 from lab.tinyworld.train import GROUNDING_SITES, shape_token_ids
 
 RESULTS = Path(__file__).parent / "results"
 TIMESTEPS = (999, 900, 700, 400)
-SIDE_TEST = {"left of": lambda a, b: a[0] < b[0], "right of": lambda a, b: a[0] > b[0],
-             "above": lambda a, b: a[1] < b[1], "below": lambda a, b: a[1] > b[1]}
-
-
-def relation_of(prompt: str) -> str:
-    return next(r for r in SIDE_TEST if f" {r} " in prompt)
 
 
 def centroid(attention: torch.Tensor) -> tuple[float, float]:
@@ -63,7 +58,7 @@ def attention_on_sides(pipe, prompts: list[str], seeds, timesteps=TIMESTEPS) -> 
             for row, (prompt, (first, second)) in enumerate(zip(prompts, nouns)):
                 a = np.mean([centroid(m[row, :, first]) for m in maps.values()], axis=0)
                 b = np.mean([centroid(m[row, :, second]) for m in maps.values()], axis=0)
-                hits.append(SIDE_TEST[relation_of(prompt)](a, b))
+                hits.append(side_offset(parse_prompt(prompt).relation, a, b) > 0)
         result[t] = float(np.mean(hits))
     return result
 

@@ -157,6 +157,14 @@ def colour_centroid(image: np.ndarray, color: str, spread: float = 40.0) -> tupl
     return float((weight * xs).sum() / weight.sum()), float((weight * ys).sum() / weight.sum())
 
 
+def side_offset(relation: str, a: tuple[float, float], b: tuple[float, float]) -> float:
+    """How far point a sits on `relation`'s side of point b, along the relation's axis: positive when
+    a is where the relation puts the first object (left of b for "left of", above it for "above")."""
+    along = 0 if relation in ("left of", "right of") else 1
+    sign = -1.0 if relation in ("left of", "above") else 1.0
+    return sign * (a[along] - b[along])
+
+
 def relation_offset(image: np.ndarray, prompt: str) -> float | None:
     """How far (pixels) the first named object sits on the relation's side of the second, judged by colour
     centroids: positive when the picture agrees with the relation, negative when it is mirrored, ~0 when
@@ -168,9 +176,7 @@ def relation_offset(image: np.ndarray, prompt: str) -> float | None:
     ca, cb = colour_centroid(image, a["color"]), colour_centroid(image, b["color"])
     if ca is None or cb is None:
         return None
-    along = 0 if spec.relation in ("left of", "right of") else 1
-    sign = -1.0 if spec.relation in ("left of", "above") else 1.0  # where the first object should be
-    return sign * (ca[along] - cb[along])
+    return side_offset(spec.relation, ca, cb)
 
 
 @torch.no_grad()

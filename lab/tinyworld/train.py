@@ -376,7 +376,7 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
         ema_u.shadow = load_file(str(out / "unet_ckpt" / "unet_ema.safetensors"))
         ema_t.shadow = load_file(str(out / "unet_ckpt" / "text_encoder_ema.safetensors"))
     grounding_path = out / "unet_ckpt" / "grounding_losses.json"
-    grounding_losses = json.loads(grounding_path.read_text())[:start] if start and grounding_path.exists() else []
+    grounding_losses = json.loads(grounding_path.read_text()) if start and grounding_path.exists() else []
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     snr = alphas_cumprod / (1 - alphas_cumprod)
     unet.train()
