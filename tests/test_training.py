@@ -62,6 +62,18 @@ def test_no_checkpoint_means_a_fresh_start(tmp_path):
     assert train._load_ckpt(tmp_path, "unet", {"model": model}, torch.optim.AdamW(model.parameters())) == (0, [])
 
 
+def test_learning_rate_warms_up_then_anneals_to_zero_at_the_steps_or_the_time_budget():
+    lr = train.learning_rate
+    assert lr(1.0, 0, 10_000) == pytest.approx(1 / 200) and lr(1.0, 99, 10_000) == pytest.approx(0.5, abs=0.01)
+    assert lr(1.0, 5_000, 10_000) == pytest.approx(0.5)  # no budget: a cosine over the planned steps
+    assert lr(1.0, 10_000, 10_000) == pytest.approx(0.0, abs=1e-12)
+    # With a budget, whichever is further along sets the cosine: a run cut by time still ends annealed.
+    assert lr(1.0, 1_000, 100_000, spent_s=1_800, budget_s=3_600) == pytest.approx(0.5)
+    assert lr(1.0, 1_000, 100_000, spent_s=3_600, budget_s=3_600) == pytest.approx(0.0, abs=1e-12)
+    assert lr(1.0, 1_000, 100_000, spent_s=9_000, budget_s=3_600) == pytest.approx(0.0, abs=1e-12)
+    assert lr(1.0, 5_000, 10_000, spent_s=10, budget_s=3_600) == pytest.approx(0.5)  # steps ahead of the clock
+
+
 def test_loss_weight_is_min_snr_with_a_floor_at_the_noisiest_steps():
     scheduler = train.tw_model.make_scheduler()
     snr = scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)

@@ -346,6 +346,15 @@ def grounding_loss(probs: dict[str, torch.Tensor], rows: torch.Tensor, tokens: t
     return torch.stack(losses).mean()
 
 
+def learning_rate(peak: float, step: int, steps: int, spent_s: float = 0.0, budget_s: float | None = None,
+                  warmup: int = 200) -> float:
+    """Linear warm-up, then a cosine to zero at whichever ends first: `steps`, or `budget_s` seconds."""
+    progress = step / steps
+    if budget_s:
+        progress = max(progress, spent_s / budget_s)
+    return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
 def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Scene], steps: int, batch: int,
                lr: float, seed: int, device, cfg_dropout: float = 0.1, min_snr_gamma: float = 5.0,
                layout_weight: float = 0.0, scheduler=None, max_minutes: float | None = None,
@@ -383,7 +392,12 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
     text_encoder.train()
     shape_ids = shape_token_ids(tokenizer)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train UNet + text encoder")
-    deadline = time.time() + 60 * max_minutes if max_minutes else float("inf")
+    # The time budget counts across resumes; the learning rate's cosine ends at whichever comes first,
+    # the planned steps or the budget, so a run cut by time still finishes annealed.
+    budget_s = 60 * max_minutes if max_minutes else None
+    clock_path = out / "unet_ckpt" / "clock.json"
+    spent_before = json.loads(clock_path.read_text())["unet_seconds"] if start and clock_path.exists() else 0.0
+    started = time.time()
     # The grounding loss reads cross-attention probabilities through lab's hooks, with their graph.
     tracing = hooks.trace(unet, guidance="none", memory_limit=None) if grounding_weight else contextlib.nullcontext()
     with tracing as trace:
@@ -392,7 +406,8 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
             attention = trace.capture(list(GROUNDING_SITES), "probs", reduce=hooks.Mean(over=("steps", "heads")),
                                       device=None, detach=False)
         for step in bar:
-            if time.time() > deadline:  # out of time: finish with the EMA weights reached so far
+            spent = spent_before + time.time() - started
+            if budget_s and spent > budget_s:  # out of time: finish with the EMA weights reached so far
                 print(f"time budget reached at step {step}/{steps}")
                 break
             rng = np.random.default_rng([seed, 2, step])
@@ -405,7 +420,7 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
             t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen).to(device)
             xt = scheduler.add_noise(x0, noise, t)
             for g in opt.param_groups:
-                g["lr"] = lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / steps))
+                g["lr"] = learning_rate(lr, step, steps, spent, budget_s)
             cond = text_encoder(ids.to(device))[0]
             pred = unet(xt, t, encoder_hidden_states=cond).sample
             target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
@@ -435,10 +450,12 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
                 save_file(ema_u.shadow, str(out / "unet_ckpt" / "unet_ema.safetensors"))
                 save_file(ema_t.shadow, str(out / "unet_ckpt" / "text_encoder_ema.safetensors"))
                 (out / "unet_ckpt" / "grounding_losses.json").write_text(json.dumps(grounding_losses))
+                clock_path.write_text(json.dumps({"unet_seconds": spent_before + time.time() - started}))
     final.mkdir(parents=True, exist_ok=True)
     save_file(ema_u.shadow, str(final / "unet_ema.safetensors"))
     save_file(ema_t.shadow, str(final / "text_encoder_ema.safetensors"))
     (final / "state.json").write_text(json.dumps({"step": len(losses), "planned_steps": steps, "losses": losses,
+                                                  "unet_seconds": spent_before + time.time() - started,
                                                   "grounding_weight": grounding_weight,
                                                   "grounding_losses": grounding_losses}))
     unet.load_state_dict(ema_u.shadow)
@@ -535,7 +552,8 @@ def main(argv=None) -> None:
     p.add_argument("--decoder-only", action="store_true", help="stop after the decoder stage (it can run beside the UNet's)")
     p.add_argument("--unet-steps", type=int, default=2800)
     p.add_argument("--unet-batch", type=int, default=64)
-    p.add_argument("--unet-minutes", type=float, default=None, help="stop the UNet stage after this long (EMA weights)")
+    p.add_argument("--unet-minutes", type=float, default=None, help="stop the UNet stage after this long, counted across resumes; the learning rate's "
+                   "cosine ends there (or at --unet-steps, whichever comes first)")
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--layout-weight", type=float, default=1.0,
                    help="floor of the clean-latent loss weight at the noisiest steps (0: plain Min-SNR-5)")
