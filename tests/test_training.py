@@ -57,6 +57,24 @@ def test_a_checkpoint_restores_weights_optimizer_and_step(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), restored.parameters()))
 
 
+def test_the_time_budget_counts_the_minutes_spent_before_a_resume(tmp_path):
+    _, scenes, _ = train.make_data(tmp_path, 8, workers=1)
+    latents = torch.randn(8, 4, 16, 16)
+    unet, text_encoder = train.tw_model.make_unet(), train.tw_model.make_text_encoder()
+    optimizer = torch.optim.AdamW(list(unet.parameters()) + list(text_encoder.parameters()))
+    modules = {"unet": unet, "text_encoder": text_encoder}
+    train._save_ckpt(tmp_path, "unet", 5, modules, optimizer, [0.3] * 5)  # an earlier run stopped at step 5
+    for name, module in modules.items():
+        train.save_file(module.state_dict(), str(tmp_path / "unet_ckpt" / f"{name}_ema.safetensors"))
+    (tmp_path / "unet_ckpt" / "clock.json").write_text(json.dumps({"unet_seconds": 90.0}))
+
+    # 90 s were spent before; the budget is 60 s: the resumed run stops at once, at step 5.
+    train.train_unet(tmp_path, latents, 1.0, scenes, steps=10, batch=2, lr=1e-3, seed=0, device="cpu",
+                     max_minutes=1.0)
+    state = json.loads((tmp_path / "unet_final" / "state.json").read_text())
+    assert state["step"] == 5 and state["unet_seconds"] >= 90.0
+
+
 def test_no_checkpoint_means_a_fresh_start(tmp_path):
     model = torch.nn.Linear(2, 2)
     assert train._load_ckpt(tmp_path, "unet", {"model": model}, torch.optim.AdamW(model.parameters())) == (0, [])
