@@ -552,8 +552,9 @@ def main(argv=None) -> None:
     p.add_argument("--decoder-only", action="store_true", help="stop after the decoder stage (it can run beside the UNet's)")
     p.add_argument("--unet-steps", type=int, default=2800)
     p.add_argument("--unet-batch", type=int, default=64)
-    p.add_argument("--unet-minutes", type=float, default=None, help="stop the UNet stage after this long, counted across resumes; the learning rate's "
-                   "cosine ends there (or at --unet-steps, whichever comes first)")
+    p.add_argument("--unet-minutes", type=float, default=None,
+                   help="stop the UNet stage after this long, counted across resumes; the learning rate's "
+                        "cosine ends there (or at --unet-steps, whichever comes first)")
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--layout-weight", type=float, default=1.0,
                    help="floor of the clean-latent loss weight at the noisiest steps (0: plain Min-SNR-5)")
