@@ -29,7 +29,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import time
 from multiprocessing import Pool
 from pathlib import Path
@@ -356,84 +355,21 @@ def learning_rate(peak: float, step: int, steps: int, spent_s: float = 0.0, budg
     return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Scene], steps: int, batch: int,
                lr: float, seed: int, device, cfg_dropout: float = 0.1, min_snr_gamma: float = 5.0,
                layout_weight: float = 0.0, scheduler=None, max_minutes: float | None = None,
-               reinit_words: tuple[str, ...] = (), masks: np.ndarray | None = None, grounding_weight: float = 0.0,
-               processes: int = 1, threads: int | None = None):
-    """Train UNet + text encoder; returns both with their EMA weights.
-
-    processes > 1 (CPU only): data parallel over that many processes, each taking an equal share of
-    every batch and averaging gradients (gloo), `threads` split among them. On a few CPU cores this
-    sees more examples per hour than one process with all the threads: this UNet's operations are too
-    small to keep several threads busy."""
+               reinit_words: tuple[str, ...] = (), masks: np.ndarray | None = None, grounding_weight: float = 0.0):
     if grounding_weight and masks is None:
         raise ValueError("grounding_weight needs the object masks (make_data's third result)")
-    if processes > 1 and str(device) != "cpu":
-        raise ValueError("processes > 1 is data parallel on CPU; on a GPU use one process")
-    if processes > 1 and batch % processes:
-        raise ValueError(f"the batch ({batch}) must split evenly over {processes} processes")
-    final = out / "unet_final"
-    if not (final / "state.json").exists():
-        kwargs = dict(out=out, latents=latents, scaling=scaling, scenes=scenes, steps=steps, batch=batch, lr=lr,
-                      seed=seed, device=device, cfg_dropout=cfg_dropout, min_snr_gamma=min_snr_gamma,
-                      layout_weight=layout_weight, scheduler=scheduler, max_minutes=max_minutes,
-                      reinit_words=reinit_words, masks=masks, grounding_weight=grounding_weight)
-        if processes == 1:
-            _train_unet_process(0, 1, None, None, kwargs)
-        else:
-            torch.multiprocessing.spawn(_train_unet_process, args=(processes, _free_port(), threads, kwargs),
-                                        nprocs=processes)
-    unet, text_encoder = tw_model.make_unet().to(device), tw_model.make_text_encoder().to(device)
-    unet.load_state_dict(load_file(str(final / "unet_ema.safetensors")))
-    text_encoder.load_state_dict(load_file(str(final / "text_encoder_ema.safetensors")))
-    return unet, text_encoder
-
-
-def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
-    """All-reduce every gradient as one flat buffer (one message per step) and divide by the world size."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset: offset + g.numel()].view_as(g)
-        offset += g.numel()
-
-
-def _train_unet_process(rank: int, world: int, port: int | None, threads: int | None, kwargs: dict) -> None:
-    """The training loop of one process (rank) of `world`; with world == 1, all of it, no messaging."""
-    if world > 1:
-        torch.set_num_threads(max(1, (threads or os.cpu_count() or world) // world))
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                             world_size=world)
-    try:
-        _unet_loop(rank, world, **kwargs)
-    finally:
-        if world > 1:
-            torch.distributed.destroy_process_group()
-
-
-def _unet_loop(rank: int, world: int, out: Path, latents: torch.Tensor, scaling: float, scenes: list[Scene],
-               steps: int, batch: int, lr: float, seed: int, device, cfg_dropout: float, min_snr_gamma: float,
-               layout_weight: float, scheduler, max_minutes: float | None, reinit_words: tuple[str, ...],
-               masks: np.ndarray | None, grounding_weight: float) -> None:
-    # Every process builds the same model from the same seed and, each step, draws the same whole
-    # batch; it trains on its own slice (rows rank, rank + world, ...). Averaged gradients keep the
-    # processes' weights identical, so only rank 0 writes files.
-    lead = rank == 0
     torch.manual_seed(seed)
     unet, text_encoder = tw_model.make_unet().to(device), tw_model.make_text_encoder().to(device)
     tokenizer, scheduler = tw_model.make_tokenizer(), scheduler or tw_model.make_scheduler()
     prediction_type = scheduler.config.prediction_type
     final = out / "unet_final"
+    if (final / "state.json").exists():
+        unet.load_state_dict(load_file(str(final / "unet_ema.safetensors")))
+        text_encoder.load_state_dict(load_file(str(final / "text_encoder_ema.safetensors")))
+        return unet, text_encoder
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ema_u, ema_t = EMA(unet, 0.999), EMA(text_encoder, 0.999)
@@ -455,15 +391,13 @@ def _unet_loop(rank: int, world: int, out: Path, latents: torch.Tensor, scaling:
     unet.train()
     text_encoder.train()
     shape_ids = shape_token_ids(tokenizer)
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train UNet + text encoder", disable=not lead)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train UNet + text encoder")
     # The time budget counts across resumes; the learning rate's cosine ends at whichever comes first,
-    # the planned steps or the budget, so a run cut by time still finishes annealed. With several
-    # processes, rank 0's clock is the one all of them follow (their learning rates must agree).
+    # the planned steps or the budget, so a run cut by time still finishes annealed.
     budget_s = 60 * max_minutes if max_minutes else None
     clock_path = out / "unet_ckpt" / "clock.json"
     spent_before = json.loads(clock_path.read_text())["unet_seconds"] if start and clock_path.exists() else 0.0
     started = time.time()
-    spent = spent_before
     # The grounding loss reads cross-attention probabilities through lab's hooks, with their graph.
     tracing = hooks.trace(unet, guidance="none", memory_limit=None) if grounding_weight else contextlib.nullcontext()
     with tracing as trace:
@@ -472,22 +406,18 @@ def _unet_loop(rank: int, world: int, out: Path, latents: torch.Tensor, scaling:
             attention = trace.capture(list(GROUNDING_SITES), "probs", reduce=hooks.Mean(over=("steps", "heads")),
                                       device=None, detach=False)
         for step in bar:
+            spent = spent_before + time.time() - started
             if budget_s and spent > budget_s:  # out of time: finish with the EMA weights reached so far
-                if lead:
-                    print(f"time budget reached at step {step}/{steps}")
+                print(f"time budget reached at step {step}/{steps}")
                 break
             rng = np.random.default_rng([seed, 2, step])
             idx = rng.choice(len(latents), batch, replace=False)
             texts = ["" if rng.random() < cfg_dropout else caption(scenes[i], rng) for i in idx]
-            gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
-            noise = torch.randn((batch, *latents.shape[1:]), generator=gen)
-            t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
             ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-            batch_nouns = sum(len(object_nouns(row.tolist(), scenes[i], shape_ids) or [])
-                              for row, i in zip(ids, idx)) if attention is not None else 0
-            mine = slice(rank, batch, world)  # this process's share of the batch: rows rank, rank + world, ...
-            idx, ids, noise, t = idx[mine], ids[mine], noise[mine].to(device), t[mine].to(device)
             x0 = latents[idx].float().to(device) * scaling
+            gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen).to(device)
             xt = scheduler.add_noise(x0, noise, t)
             for g in opt.param_groups:
                 g["lr"] = learning_rate(lr, step, steps, spent, budget_s)
@@ -496,7 +426,6 @@ def _unet_loop(rank: int, world: int, out: Path, latents: torch.Tensor, scaling:
             target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
             weight = loss_weight(snr[t], min_snr_gamma, layout_weight, prediction_type)
             loss = (weight * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
-            grounding = torch.zeros(())
             if attention is not None:
                 nouns = [(row, token, obj) for row, i in enumerate(idx)
                          for obj, token in enumerate(object_nouns(ids[row].tolist(), scenes[i], shape_ids) or [])]
@@ -504,45 +433,34 @@ def _unet_loop(rank: int, world: int, out: Path, latents: torch.Tensor, scaling:
                     rows, tokens, objects = (torch.tensor(c, device=device) for c in zip(*nouns))
                     object_masks = torch.from_numpy(masks[idx]).to(device).float() / 255
                     grounding = grounding_loss(attention.result(), rows, tokens, objects, object_masks)
-                    # A mean over this share's nouns, reweighted so that averaging over the processes
-                    # gives the mean over the whole batch's nouns.
-                    grounding = grounding * len(nouns) * world / batch_nouns
                     loss = loss + grounding_weight * grounding
+                    grounding_losses.append(grounding.item())
                 attention.reset()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            # What the processes must agree on travels with the gradients: the losses to log and
-            # rank 0's clock (which sets every process's learning rate and stop).
-            spent = spent_before + time.time() - started
-            shared = torch.tensor([loss.item(), grounding.item(), spent if lead else 0.0], dtype=torch.float64)
-            if world > 1:
-                _average_gradients(params, world)
-                torch.distributed.all_reduce(shared)
-                shared[:2] /= world
-            step_loss, step_grounding, spent = shared.tolist()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             ema_u.update(unet, step)
             ema_t.update(text_encoder, step)
-            losses.append(step_loss)
-            if attention is not None:
-                grounding_losses.append(step_grounding)
+            losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}",
                             **({"grounding": f"{np.mean(grounding_losses[-100:]):.3f}"} if grounding_losses else {}))
-            if lead and (step + 1) % 250 == 0 and step + 1 < steps:
+            if (step + 1) % 250 == 0 and step + 1 < steps:
                 _save_ckpt(out, "unet", step + 1, modules, opt, losses)
                 save_file(ema_u.shadow, str(out / "unet_ckpt" / "unet_ema.safetensors"))
                 save_file(ema_t.shadow, str(out / "unet_ckpt" / "text_encoder_ema.safetensors"))
                 (out / "unet_ckpt" / "grounding_losses.json").write_text(json.dumps(grounding_losses))
-                clock_path.write_text(json.dumps({"unet_seconds": spent}))
-    if lead:
-        final.mkdir(parents=True, exist_ok=True)
-        save_file(ema_u.shadow, str(final / "unet_ema.safetensors"))
-        save_file(ema_t.shadow, str(final / "text_encoder_ema.safetensors"))
-        (final / "state.json").write_text(json.dumps({"step": len(losses), "planned_steps": steps, "losses": losses,
-                                                      "unet_seconds": spent_before + time.time() - started,
-                                                      "processes": world, "grounding_weight": grounding_weight,
-                                                      "grounding_losses": grounding_losses}))
+                clock_path.write_text(json.dumps({"unet_seconds": spent_before + time.time() - started}))
+    final.mkdir(parents=True, exist_ok=True)
+    save_file(ema_u.shadow, str(final / "unet_ema.safetensors"))
+    save_file(ema_t.shadow, str(final / "text_encoder_ema.safetensors"))
+    (final / "state.json").write_text(json.dumps({"step": len(losses), "planned_steps": steps, "losses": losses,
+                                                  "unet_seconds": spent_before + time.time() - started,
+                                                  "grounding_weight": grounding_weight,
+                                                  "grounding_losses": grounding_losses}))
+    unet.load_state_dict(ema_u.shadow)
+    text_encoder.load_state_dict(ema_t.shadow)
+    return unet, text_encoder
 
 
 # ----------------------------------------------------------------------------- stage 5: export
@@ -654,9 +572,6 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    p.add_argument("--processes", type=int, default=None,
-                   help="UNet stage on CPU: data parallel over this many processes sharing --threads "
-                        "(default: 2 on a CPU with 2+ threads, else 1)")
     args = p.parse_args(argv)
     if args.zero_terminal_snr is None:
         args.zero_terminal_snr = args.prediction_type == "v_prediction"
@@ -665,10 +580,6 @@ def main(argv=None) -> None:
     except ValueError as error:
         p.error(f"{error} (--prediction-type v_prediction)")
     torch.set_num_threads(args.threads)
-    if args.processes is None:
-        args.processes = 2 if args.device == "cpu" and args.threads >= 2 else 1
-    if args.processes > 1 and (args.device != "cpu" or args.unet_batch % args.processes):
-        p.error(f"--processes {args.processes} needs --device cpu and a --unet-batch divisible by it")
     if args.reinit_words and not args.init_from:
         p.error("--reinit-words re-initialises words of a model being continued: give --init-from too")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -690,8 +601,7 @@ def main(argv=None) -> None:
                                     args.seed, args.device, layout_weight=args.layout_weight,
                                     scheduler=scheduler, max_minutes=args.unet_minutes,
                                     reinit_words=tuple(w for w in args.reinit_words.split(",") if w),
-                                    masks=masks, grounding_weight=args.grounding_weight,
-                                    processes=args.processes, threads=args.threads)
+                                    masks=masks, grounding_weight=args.grounding_weight)
     timings["unet_s"] = time.time() - t0 - sum(timings.values())
     folder = export_pipeline(vae, unet, text_encoder, scaling, args.export or args.out / "pipeline", scheduler)
     plot_losses(args.out, args.out / "training_losses.png")
