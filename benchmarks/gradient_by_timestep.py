@@ -5,8 +5,9 @@ band of 100 timesteps, at a run's latest checkpoint, with the loss weighting it 
 
 Reads OUT/unet_ckpt (the raw, not the EMA, weights), OUT/latents.safetensors, OUT/data_*.json and the
 run's arguments from OUT/training_report.json when present (else the CLI's defaults; override with
---prediction-type / --layout-weight). Gradients are clipped to norm 1 in training, so bands whose
-norm is well above the others' set the direction of most updates. Prints a markdown table.
+--prediction-type / --layout-weight). Training averages the bands in every batch and clips the
+result to norm 1, so the bands with the larger gradients weigh most in each update. Prints a
+markdown table.
 """
 
 import argparse
