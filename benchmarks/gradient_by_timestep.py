@@ -36,7 +36,8 @@ def main() -> None:
     trained_with = json.loads(report.read_text())["args"] if report.exists() else {}
     prediction = args.prediction_type or trained_with.get("prediction_type", "v_prediction")
     layout_weight = args.layout_weight if args.layout_weight is not None else float(trained_with.get("layout_weight", 1.0))
-    scheduler = tw_model.make_scheduler(prediction, zero_terminal_snr=prediction == "v_prediction")
+    zero_terminal_snr = trained_with.get("zero_terminal_snr", str(prediction == "v_prediction")) == "True"
+    scheduler = tw_model.make_scheduler(prediction, zero_terminal_snr=zero_terminal_snr)
     unet, text_encoder = tw_model.make_unet(), tw_model.make_text_encoder()
     unet.load_state_dict(load_file(str(args.out / "unet_ckpt" / "unet.safetensors")))
     text_encoder.load_state_dict(load_file(str(args.out / "unet_ckpt" / "text_encoder.safetensors")))
@@ -48,7 +49,7 @@ def main() -> None:
     tokenizer = tw_model.make_tokenizer()
     snr = scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)
     rng = np.random.default_rng(0)
-    print(f"{args.out} at step {step}: {prediction}, layout weight {layout_weight}\n")
+    print(f"{args.out} at step {step}: {prediction}, zero-terminal SNR {zero_terminal_snr}, layout weight {layout_weight}\n")
     print("| timesteps | weighted loss | UNet gradient norm |\n|---|---|---|")
     for low in range(0, 1000, 100):
         losses, norms = [], []
