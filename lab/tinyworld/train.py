@@ -5,16 +5,20 @@
 Stages, each checkpointed and skipped when already done:
   1. data    render the training scenes (images + ground truth) once, to a cache; with --mirror-pairs
              (default) each two-object scene also as its mirror twin with the opposite relation
-  2. vae     train the AutoencoderKL on the images (L1 + MSE reconstruction, SD's tiny KL weight)
-  3. latents encode every image once; the latent scaling factor is 1 / std of the latents, as in SD
-  4. unet    train UNet + CLIP text encoder jointly on noised latents: v-prediction on a zero-terminal-SNR
+  2. text    pre-train the CLIP text encoder to read each caption's scene back (every object's shape,
+             colour, texture, size and side; the relation, background and count) from the world's
+             ground truth, so the UNet, like SD's on CLIP, learns on a text encoder that already reads
+             (--text-steps; 0 trains the text encoder jointly with the UNet from scratch instead)
+  3. vae     train the AutoencoderKL on the images (L1 + MSE reconstruction, SD's tiny KL weight)
+  4. latents encode every image once; the latent scaling factor is 1 / std of the latents, as in SD
+  5. unet    train the UNet on the frozen text encoder on noised latents: v-prediction on a zero-terminal-SNR
              schedule (the last step is pure noise, so only the text can place objects; --prediction-type
              epsilon gives SD 1.x's schedule), Min-SNR-5 weighting floored at the noisiest steps
              (--layout-weight), 10% caption dropout for classifier-free guidance, EMA of the weights.
              Captions are re-drawn from each scene's ground truth every time it is seen. A grounding
              loss (--grounding-weight, TokenCompose's token loss) pulls each object noun's 16x16 and
              8x8 cross-attention into that object's true mask; lab's hooks read the attention.
-  5. export  write a StableDiffusionPipeline folder (float32 safetensors) and a training report: loss
+  6. export  write a StableDiffusionPipeline folder (float32 safetensors) and a training report: loss
              curves (training_losses.png) and the judge's scores on the held-out prompts.
 
 Seeds are fixed and every batch is a function of (seed, stage, step), so a resumed run sees the
@@ -43,7 +47,8 @@ from lab import hooks
 from lab.tokens import TOKENIZER_DIR
 
 from . import model as tw_model
-from .world import SHAPES, Scene, caption, mirror_scene, render, sample_scene
+from .world import (BACKGROUNDS, COLORS, OPPOSITE_RELATION, RELATIONS, SHAPES, SIZES, TEXTURES, Scene, caption,
+                    SIZE_WORDS, mirror_scene, render, sample_scene)
 
 TRAIN_SEED_OFFSET = 0  # training scenes use seeds [0, n); evaluation splits use seeds >= 10_000_000
 
@@ -152,7 +157,160 @@ def _to_tensor(images: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-# ----------------------------------------------------------------------------- stage 2: VAE
+# ----------------------------------------------------------------------------- stage 2: text encoder
+
+# Stable Diffusion trains its UNet on a text encoder that already reads (CLIP, trained on image-caption
+# pairs). TinyWorld's stand-in: the CLIP text model, from scratch, learns to read each caption's scene
+# back from its tokens, from the world's ground truth: each object noun's attributes, and at the end-of-
+# text and padding tokens (which see the whole caption) the whole scene. Then the UNet trains on it, frozen.
+# Why: trained jointly from scratch through the UNet's loss alone, the encoder's shape nouns grew *less*
+# distinct than at initialisation for thousands of steps (benchmarks/text_encoder_words.py).
+UNSAID = "unsaid"  # the caption does not say it: the image is free to choose
+RELATION_WORDS = {"left": "left of", "right": "right of", "above": "above", "over": "above",
+                  "below": "below", "under": "below", "beneath": "below"}
+BACKGROUND_WORDS = {"plain": "plain", "white": "plain", "sky": "sky", "grass": "grass"}
+NOUN_HEADS = {"shape": SHAPES, "color": (*COLORS, UNSAID), "texture": (*TEXTURES, UNSAID),
+              "size": (*SIZES, UNSAID), "side": (*RELATIONS, UNSAID)}  # side: where it is, relative to the first object
+SCENE_HEADS = {"count": ("1", "2", "3"), "relation": (*RELATIONS, UNSAID), "background": (*BACKGROUNDS, UNSAID),
+               **{f"{head} {slot}": NOUN_HEADS[head] for slot in range(3) for head in ("shape", "color", "texture", "size")}}
+IGNORE = -100  # F.cross_entropy's ignore_index: a target no token can know
+
+
+def attribute_tokens(tokenizer) -> dict[int, tuple[str, str]]:
+    """{token id: (attribute, value)} for every word captions use for a colour, texture, size, relation or background."""
+    words = {**{c: ("color", c) for c in COLORS}, **{t: ("texture", t) for t in TEXTURES},
+             **{w: ("size", label) for label, ws in SIZE_WORDS.items() for w in ws},
+             **{w: ("relation", r) for w, r in RELATION_WORDS.items()}}
+    table = {}
+    for word, meaning in words.items():
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        assert len(ids) == 1, f"{word!r} is {len(ids)} tokens"
+        table[ids[0]] = meaning
+    for word, background in BACKGROUND_WORDS.items():  # "plain" is a texture inside a phrase, a background after it
+        table.setdefault(tokenizer(word, add_special_tokens=False).input_ids[0], ("background", background))
+    return table
+
+
+def caption_targets(ids: list[int], scene: Scene, shape_ids: dict[int, str], words: dict[int, tuple[str, str]],
+                    eos_id: int) -> tuple[list[tuple[int, dict]], int, dict] | None:
+    """What a tokenized caption says about its scene, as class indices of NOUN_HEADS and SCENE_HEADS.
+
+    Returns ([(noun position, noun targets)], position of the end-of-text token, scene targets); the scene
+    targets hold at that token and every padding token after it. An attribute the caption leaves out is
+    UNSAID. The first noun cannot see the relation after it (CLIP's attention is causal), so its side is
+    IGNORE. None for a caption whose nouns do not match the scene (an empty caption)."""
+    nouns = object_nouns(ids, scene, shape_ids)
+    if not nouns:
+        return None
+    eos = ids.index(eos_id)
+    spans = [ids[start + 1:end] for start, end in zip([0, *nouns], [*nouns, eos])]  # words before each noun; the tail
+    said = [{words[t][0]: words[t][1] for t in span if t in words} for span in spans]
+    relation = said[1].get("relation", UNSAID) if len(nouns) == 2 else UNSAID  # said between the two nouns
+    tail = said[-1]  # after the last noun comes only the background ("on a plain background": "plain" reads as a texture)
+    background = tail.get("background") or ("plain" if tail.get("texture") == "plain" else UNSAID)
+
+    def index(head: str, value: str, heads=NOUN_HEADS) -> int:
+        return heads[head].index(value)
+
+    noun_targets = []
+    for i, (position, obj) in enumerate(zip(nouns, scene.objects)):
+        phrase = said[i]
+        side = IGNORE if i == 0 else index("side", OPPOSITE_RELATION[relation] if relation != UNSAID else UNSAID)
+        noun_targets.append((position, {
+            "shape": index("shape", obj.shape), "color": index("color", phrase.get("color", UNSAID)),
+            "texture": index("texture", phrase.get("texture", UNSAID)), "size": index("size", phrase.get("size", UNSAID)),
+            "side": side}))
+    scene_targets = {"count": len(nouns) - 1, "relation": index("relation", relation, SCENE_HEADS),
+                     "background": index("background", background, SCENE_HEADS)}
+    for slot in range(3):
+        for head in ("shape", "color", "texture", "size"):
+            scene_targets[f"{head} {slot}"] = (noun_targets[slot][1][head] if slot < len(nouns) else IGNORE)
+    return noun_targets, eos, scene_targets
+
+
+class CaptionReader(torch.nn.Module):
+    """Linear read-outs of the text encoder's output tokens: one per head, discarded after pre-training."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.noun = torch.nn.ModuleDict({h: torch.nn.Linear(width, len(c)) for h, c in NOUN_HEADS.items()})
+        self.scene = torch.nn.ModuleDict({h.replace(" ", "_"): torch.nn.Linear(width, len(c)) for h, c in SCENE_HEADS.items()})
+
+    def loss(self, hidden: torch.Tensor, targets: list) -> tuple[torch.Tensor, float]:
+        """Mean cross-entropy over heads, and the fraction of knowable targets read right."""
+        noun_rows, noun_t, scene_rows, scene_t = [], {h: [] for h in NOUN_HEADS}, [], {h: [] for h in SCENE_HEADS}
+        for row, target in enumerate(targets):
+            if target is None:
+                continue
+            nouns, eos, scene = target
+            for position, t in nouns:
+                noun_rows.append((row, position))
+                for h in NOUN_HEADS:
+                    noun_t[h].append(t[h])
+            for position in range(eos, hidden.shape[1]):
+                scene_rows.append((row, position))
+                for h in SCENE_HEADS:
+                    scene_t[h].append(scene[h])
+        losses, right, known = [], 0, 0
+        for rows, heads, values in ((noun_rows, self.noun, noun_t), (scene_rows, self.scene, scene_t)):
+            r, p = torch.tensor(rows, device=hidden.device).T
+            h = hidden[r, p]
+            for name, values_of_head in values.items():
+                target = torch.tensor(values_of_head, device=hidden.device)
+                logits = heads[name.replace(" ", "_")](h)
+                losses.append(F.cross_entropy(logits, target, ignore_index=IGNORE))
+                mask = target != IGNORE
+                right += int((logits.argmax(-1) == target)[mask].sum())
+                known += int(mask.sum())
+        return torch.stack(losses).mean(), right / max(known, 1)
+
+
+def pretrain_text_encoder(out: Path, scenes: list[Scene], steps: int, batch: int, lr: float, seed: int,
+                          device) -> tuple[Path, dict]:
+    """Train a fresh CLIP text model to read the scene back from captions; returns its weights' path
+    and {"steps", "accuracy"} (the read-out accuracy over the last 50 batches)."""
+    final = out / "text_encoder_pretrained.safetensors"
+    summary_path = out / "text_encoder_pretrained.json"
+    if final.exists() and summary_path.exists():
+        return final, json.loads(summary_path.read_text())
+    torch.manual_seed(seed + 1)
+    text_encoder, reader = tw_model.make_text_encoder().to(device), CaptionReader(tw_model.TEXT_WIDTH).to(device)
+    tokenizer = tw_model.make_tokenizer()
+    shape_ids, words = shape_token_ids(tokenizer), attribute_tokens(tokenizer)
+    opt = torch.optim.AdamW(list(text_encoder.parameters()) + list(reader.parameters()), lr=lr, weight_decay=0.01)
+    modules = {"text_encoder": text_encoder, "reader": reader}
+    start, losses = _load_ckpt(out, "text", modules, opt)
+    accuracy_path = out / "text_ckpt" / "accuracy.json"
+    accuracies = json.loads(accuracy_path.read_text()) if start and accuracy_path.exists() else []
+    text_encoder.train()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="pre-train text encoder")
+    for step in bar:
+        rng = np.random.default_rng([seed, 4, step])
+        idx = rng.choice(len(scenes), batch, replace=False)
+        ids = tokenizer([caption(scenes[i], rng) for i in idx], padding="max_length", max_length=77,
+                        truncation=True, return_tensors="pt").input_ids
+        targets = [caption_targets(ids[row].tolist(), scenes[i], shape_ids, words, tokenizer.eos_token_id)
+                   for row, i in enumerate(idx)]
+        for g in opt.param_groups:
+            g["lr"] = learning_rate(lr, step, steps, warmup=50)
+        loss, accuracy = reader.loss(text_encoder(ids.to(device))[0], targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        accuracies.append(accuracy)
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", read=f"{np.mean(accuracies[-50:]):.1%}")
+        if (step + 1) % 200 == 0 and step + 1 < steps:
+            _save_ckpt(out, "text", step + 1, modules, opt, losses)
+            accuracy_path.write_text(json.dumps(accuracies))
+    save_file({k: v.detach().contiguous() for k, v in text_encoder.state_dict().items()}, str(final))
+    summary = {"steps": steps, "accuracy": float(np.mean(accuracies[-50:])) if accuracies else None}
+    (out / "text_encoder_losses.json").write_text(json.dumps({"losses": losses, "accuracy": accuracies}))
+    summary_path.write_text(json.dumps(summary))
+    return final, summary
+
+
+# ----------------------------------------------------------------------------- stage 3: VAE
 
 def train_vae(out: Path, images: np.ndarray, steps: int, batch: int, lr: float, seed: int, device) -> torch.nn.Module:
     vae = tw_model.make_vae().to(device)
@@ -188,7 +346,7 @@ def train_vae(out: Path, images: np.ndarray, steps: int, batch: int, lr: float, 
     return vae
 
 
-# ----------------------------------------------------------------------------- stage 3: latents
+# ----------------------------------------------------------------------------- stage 4: latents
 
 @torch.no_grad()
 def encode_latents(out: Path, vae, images: np.ndarray, device, batch: int = 256) -> tuple[torch.Tensor, float]:
@@ -208,7 +366,7 @@ def encode_latents(out: Path, vae, images: np.ndarray, device, batch: int = 256)
     return latents.half(), scaling
 
 
-# ----------------------------------------------------------------------------- stage 3b: decoder fine-tuning
+# ----------------------------------------------------------------------------- stage 4b: decoder fine-tuning
 
 def _image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
@@ -254,7 +412,7 @@ def finetune_decoder(out: Path, vae, images: np.ndarray, latents: torch.Tensor, 
     return vae
 
 
-# ----------------------------------------------------------------------------- stage 4: UNet + text encoder
+# ----------------------------------------------------------------------------- stage 5: UNet
 
 class EMA:
     def __init__(self, module: torch.nn.Module, decay: float):
@@ -358,7 +516,10 @@ def learning_rate(peak: float, step: int, steps: int, spent_s: float = 0.0, budg
 def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Scene], steps: int, batch: int,
                lr: float, seed: int, device, cfg_dropout: float = 0.1, min_snr_gamma: float = 5.0,
                layout_weight: float = 0.0, scheduler=None, max_minutes: float | None = None,
-               reinit_words: tuple[str, ...] = (), masks: np.ndarray | None = None, grounding_weight: float = 0.0):
+               reinit_words: tuple[str, ...] = (), masks: np.ndarray | None = None, grounding_weight: float = 0.0,
+               frozen_text_encoder: Path | None = None):
+    """With `frozen_text_encoder` (pretrain_text_encoder's weights) the UNet trains on that text encoder,
+    frozen, as SD's UNet trains on a frozen CLIP; without, both train jointly from the start."""
     if grounding_weight and masks is None:
         raise ValueError("grounding_weight needs the object masks (make_data's third result)")
     torch.manual_seed(seed)
@@ -370,10 +531,14 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
         unet.load_state_dict(load_file(str(final / "unet_ema.safetensors")))
         text_encoder.load_state_dict(load_file(str(final / "text_encoder_ema.safetensors")))
         return unet, text_encoder
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    train_text = frozen_text_encoder is None
+    if not train_text:
+        text_encoder.load_state_dict(load_file(str(frozen_text_encoder)))
+        text_encoder.requires_grad_(False)
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ema_u, ema_t = EMA(unet, 0.999), EMA(text_encoder, 0.999)
-    modules = {"unet": unet, "text_encoder": text_encoder}
+    modules = {"unet": unet, "text_encoder": text_encoder} if train_text else {"unet": unet}
     if (out / "unet_init.safetensors").exists() and not (out / "unet_ckpt" / "state.json").exists():
         unet.load_state_dict(load_file(str(out / "unet_init.safetensors")))  # --init-from: continue a shipped model
         text_encoder.load_state_dict(load_file(str(out / "text_encoder_init.safetensors")))
@@ -389,9 +554,10 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
     snr = alphas_cumprod / (1 - alphas_cumprod)
     unet.train()
-    text_encoder.train()
+    text_encoder.train(train_text)
     shape_ids = shape_token_ids(tokenizer)
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train UNet + text encoder")
+    bar = tqdm(range(start, steps), initial=start, total=steps,
+               desc="train UNet + text encoder" if train_text else "train UNet (text encoder frozen)")
     # The time budget counts across resumes; the learning rate's cosine ends at whichever comes first,
     # the planned steps or the budget, so a run cut by time still finishes annealed.
     budget_s = 60 * max_minutes if max_minutes else None
@@ -421,7 +587,8 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
             xt = scheduler.add_noise(x0, noise, t)
             for g in opt.param_groups:
                 g["lr"] = learning_rate(lr, step, steps, spent, budget_s)
-            cond = text_encoder(ids.to(device))[0]
+            with torch.set_grad_enabled(train_text):
+                cond = text_encoder(ids.to(device))[0]
             pred = unet(xt, t, encoder_hidden_states=cond).sample
             target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
             weight = loss_weight(snr[t], min_snr_gamma, layout_weight, prediction_type)
@@ -441,7 +608,8 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             ema_u.update(unet, step)
-            ema_t.update(text_encoder, step)
+            if train_text:
+                ema_t.update(text_encoder, step)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}",
                             **({"grounding": f"{np.mean(grounding_losses[-100:]):.3f}"} if grounding_losses else {}))
@@ -463,7 +631,7 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
     return unet, text_encoder
 
 
-# ----------------------------------------------------------------------------- stage 5: export
+# ----------------------------------------------------------------------------- stage 6: export
 
 def export_pipeline(vae, unet, text_encoder, scaling: float, folder: Path, scheduler=None) -> Path:
     """A genuine StableDiffusionPipeline folder, loadable with plain `from_pretrained`.
@@ -549,6 +717,10 @@ def main(argv=None) -> None:
     p.add_argument("--vae-steps", type=int, default=1400)
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--decoder-steps", type=int, default=1500, help="decoder fine-tuning on frozen latents")
+    p.add_argument("--text-steps", type=int, default=800,
+                   help="pre-train the text encoder to read each caption's scene, then train the UNet on it frozen "
+                        "(0: train both jointly from scratch; skipped with --init-from)")
+    p.add_argument("--text-batch", type=int, default=128)
     p.add_argument("--decoder-only", action="store_true", help="stop after the decoder stage (it can run beside the UNet's)")
     p.add_argument("--unet-steps", type=int, default=2800)
     p.add_argument("--unet-batch", type=int, default=64)
@@ -589,6 +761,11 @@ def main(argv=None) -> None:
     timings = {}
     images, scenes, masks = make_data(args.out, args.n_images, mirror_pairs=args.mirror_pairs)
     timings["data_s"] = time.time() - t0
+    text_encoder_path, text_reading = None, None
+    if args.text_steps > 0 and not args.init_from:
+        text_encoder_path, text_reading = pretrain_text_encoder(args.out, scenes, args.text_steps, args.text_batch,
+                                                                2e-3, args.seed, args.device)
+    timings["text_encoder_s"] = time.time() - t0 - sum(timings.values())
     vae = train_vae(args.out, images, args.vae_steps, args.vae_batch, 1e-3, args.seed, args.device)
     timings["vae_s"] = time.time() - t0 - sum(timings.values())
     latents, scaling = encode_latents(args.out, vae, images, args.device)
@@ -601,12 +778,14 @@ def main(argv=None) -> None:
                                     args.seed, args.device, layout_weight=args.layout_weight,
                                     scheduler=scheduler, max_minutes=args.unet_minutes,
                                     reinit_words=tuple(w for w in args.reinit_words.split(",") if w),
-                                    masks=masks, grounding_weight=args.grounding_weight)
+                                    masks=masks, grounding_weight=args.grounding_weight,
+                                    frozen_text_encoder=text_encoder_path)
     timings["unet_s"] = time.time() - t0 - sum(timings.values())
     folder = export_pipeline(vae, unet, text_encoder, scaling, args.export or args.out / "pipeline", scheduler)
     plot_losses(args.out, args.out / "training_losses.png")
     report = {"args": {k: str(v) for k, v in vars(args).items()}, "timings_this_invocation_s": timings,
               "latent_scaling_factor": scaling, "device": args.device, "torch": torch.__version__,
+              "text_encoder_pretraining": text_reading,
               "unet_steps_done": len(json.loads((args.out / "unet_final" / "state.json").read_text())["losses"])}
     if args.eval_seeds > 0:  # the judge's scores of the exported model on the held-out prompts
         from diffusers import StableDiffusionPipeline

@@ -344,14 +344,14 @@ _BG_PHRASES = {
     "sky": ("in the sky", "on a sky background", "against the sky"),
     "grass": ("on the grass", "on a grass background", "in a field of grass"),
 }
-_SIZE_WORDS = {"small": ("small", "tiny", "little"), "large": ("large", "big")}
+SIZE_WORDS = {"small": ("small", "tiny", "little"), "large": ("large", "big")}
 
 
 def describe(obj: WorldObject, rng: np.random.Generator, p_size=0.6, p_texture=0.7, p_color=0.95) -> str:
     """Noun phrase for one object, attributes sometimes omitted or reordered."""
     words = []
     if rng.random() < p_size:
-        opts = _SIZE_WORDS[obj.size_label]
+        opts = SIZE_WORDS[obj.size_label]
         words.append(opts[rng.integers(len(opts))])
     texture = obj.texture if (obj.texture != "plain" or rng.random() < 0.3) else None
     texture = texture if rng.random() < p_texture else None
