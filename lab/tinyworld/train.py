@@ -659,7 +659,10 @@ def plot_losses(out: Path, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = []  # (title, values); a run continued with --init-from trains no VAE
+    panels = []  # (title, values); a run continued with --init-from trains no VAE and reads no captions first
+    if (out / "text_encoder_losses.json").exists():
+        panels.append(("text encoder pre-training (cross-entropy)",
+                       json.loads((out / "text_encoder_losses.json").read_text())["losses"]))
     if (out / "vae_losses.json").exists():
         panels.append(("VAE reconstruction (L1+MSE)", json.loads((out / "vae_losses.json").read_text())))
     if (out / "unet_final" / "state.json").exists():
