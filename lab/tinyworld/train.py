@@ -237,31 +237,31 @@ class CaptionReader(torch.nn.Module):
         self.scene = torch.nn.ModuleDict({h.replace(" ", "_"): torch.nn.Linear(width, len(c)) for h, c in SCENE_HEADS.items()})
 
     def loss(self, hidden: torch.Tensor, targets: list) -> tuple[torch.Tensor, float]:
-        """Mean cross-entropy over heads, and the fraction of knowable targets read right."""
-        noun_rows, noun_t, scene_rows, scene_t = [], {h: [] for h in NOUN_HEADS}, [], {h: [] for h in SCENE_HEADS}
-        for row, target in enumerate(targets):
-            if target is None:
-                continue
-            nouns, eos, scene = target
-            for position, t in nouns:
-                noun_rows.append((row, position))
-                for h in NOUN_HEADS:
-                    noun_t[h].append(t[h])
-            for position in range(eos, hidden.shape[1]):
-                scene_rows.append((row, position))
-                for h in SCENE_HEADS:
-                    scene_t[h].append(scene[h])
+        """Mean cross-entropy over heads, and the fraction of knowable targets read right.
+
+        hidden: (batch, tokens, width) output tokens; targets: caption_targets() per row (None: skipped)."""
+        rows = [(row, t) for row, t in enumerate(targets) if t is not None]
+        noun_at = [(row, position) for row, (nouns, _, _) in rows for position, _ in nouns]
+        noun_targets = torch.tensor([[t[h] for h in NOUN_HEADS] for _, (nouns, _, _) in rows for _, t in nouns])
+        # The scene's targets hold at the end-of-text token and at every padding token after it.
+        eos = torch.tensor([eos for _, (_, eos, _) in rows])
+        after_eos = torch.arange(hidden.shape[1])[None, :] >= eos[:, None]  # (captions, tokens)
+        scene_rows = torch.tensor([row for row, _ in rows])[:, None].expand_as(after_eos)[after_eos]
+        scene_positions = torch.arange(hidden.shape[1]).expand_as(after_eos)[after_eos]
+        per_caption = torch.tensor([[scene[h] for h in SCENE_HEADS] for _, (_, _, scene) in rows])
+        scene_targets = per_caption[:, None, :].expand(-1, hidden.shape[1], -1)[after_eos]
         losses, right, known = [], 0, 0
-        for rows, heads, values in ((noun_rows, self.noun, noun_t), (scene_rows, self.scene, scene_t)):
-            r, p = torch.tensor(rows, device=hidden.device).T
-            h = hidden[r, p]
-            for name, values_of_head in values.items():
-                target = torch.tensor(values_of_head, device=hidden.device)
+        for heads, names, (r, p), values in (
+                (self.noun, NOUN_HEADS, torch.tensor(noun_at).T, noun_targets),
+                (self.scene, SCENE_HEADS, (scene_rows, scene_positions), scene_targets)):
+            h = hidden[r.to(hidden.device), p.to(hidden.device)]
+            for k, name in enumerate(names):
+                target = values[:, k].to(hidden.device)
                 logits = heads[name.replace(" ", "_")](h)
                 losses.append(F.cross_entropy(logits, target, ignore_index=IGNORE))
-                mask = target != IGNORE
-                right += int((logits.argmax(-1) == target)[mask].sum())
-                known += int(mask.sum())
+                knowable = target != IGNORE
+                right += int((logits.argmax(-1) == target)[knowable].sum())
+                known += int(knowable.sum())
         return torch.stack(losses).mean(), right / max(known, 1)
 
 
@@ -269,10 +269,14 @@ def pretrain_text_encoder(out: Path, scenes: list[Scene], steps: int, batch: int
                           device) -> tuple[Path, dict]:
     """Train a fresh CLIP text model to read the scene back from captions; returns its weights' path
     and {"steps", "accuracy"} (the read-out accuracy over the last 50 batches)."""
-    final = out / "text_encoder_pretrained.safetensors"
-    summary_path = out / "text_encoder_pretrained.json"
-    if final.exists() and summary_path.exists():
-        return final, json.loads(summary_path.read_text())
+    final, history_path = out / "text_encoder_pretrained.safetensors", out / "text_encoder_losses.json"
+
+    def summary() -> dict:
+        accuracies = json.loads(history_path.read_text())["accuracy"]
+        return {"steps": len(accuracies), "accuracy": float(np.mean(accuracies[-50:])) if accuracies else None}
+
+    if final.exists() and history_path.exists():
+        return final, summary()
     torch.manual_seed(seed + 1)
     text_encoder, reader = tw_model.make_text_encoder().to(device), CaptionReader(tw_model.TEXT_WIDTH).to(device)
     tokenizer = tw_model.make_tokenizer()
@@ -304,10 +308,8 @@ def pretrain_text_encoder(out: Path, scenes: list[Scene], steps: int, batch: int
             _save_ckpt(out, "text", step + 1, modules, opt, losses)
             accuracy_path.write_text(json.dumps(accuracies))
     save_file({k: v.detach().contiguous() for k, v in text_encoder.state_dict().items()}, str(final))
-    summary = {"steps": steps, "accuracy": float(np.mean(accuracies[-50:])) if accuracies else None}
-    (out / "text_encoder_losses.json").write_text(json.dumps({"losses": losses, "accuracy": accuracies}))
-    summary_path.write_text(json.dumps(summary))
-    return final, summary
+    history_path.write_text(json.dumps({"losses": losses, "accuracy": accuracies}))
+    return final, summary()
 
 
 # ----------------------------------------------------------------------------- stage 3: VAE
