@@ -1,0 +1,59 @@
+"""Judge a training run part-way: the EMA weights of a `sdlab tinyworld train --out` folder's latest
+UNet checkpoint, with its VAE and text encoder, on the held-out prompts.
+
+    python benchmarks/eval_checkpoint.py runs/tp --sets single,pairs --seeds 1 [--threads 1]
+
+The run goes on while this reads its checkpoint (written every 250 steps). Prints the step and the
+judge's summary per prompt set (20 DDIM steps, guidance 5, as `sdlab tinyworld eval`). The scheduler
+is the CLI's default (v-prediction on a zero-terminal-SNR schedule) unless --prediction-type epsilon.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from lab.tinyworld import model as tw_model
+from lab.tinyworld.evaluate import evaluate_model, prompt_split
+
+
+def checkpoint_pipeline(out: Path, prediction_type: str = "v_prediction") -> tuple[StableDiffusionPipeline, int]:
+    checkpoint = out / "unet_ckpt"
+    step = json.loads((checkpoint / "state.json").read_text())["step"]
+    vae = tw_model.make_vae()
+    vae.load_state_dict(load_file(str(out / "vae_final.safetensors")))
+    if (out / "decoder_final.safetensors").exists():
+        vae.decoder.load_state_dict(load_file(str(out / "decoder_final.safetensors")))
+        vae.post_quant_conv.load_state_dict(load_file(str(out / "post_quant_conv_final.safetensors")))
+    vae.register_to_config(scaling_factor=float(load_file(str(out / "latents.safetensors"))["scaling_factor"]))
+    unet, text_encoder = tw_model.make_unet(), tw_model.make_text_encoder()
+    unet.load_state_dict(load_file(str(checkpoint / "unet_ema.safetensors")))
+    text_encoder.load_state_dict(load_file(str(checkpoint / "text_encoder_ema.safetensors")))
+    scheduler = tw_model.make_scheduler(prediction_type, zero_terminal_snr=prediction_type == "v_prediction")
+    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tw_model.make_tokenizer(),
+                                   unet=unet.eval(), scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=Path, help="a `sdlab tinyworld train --out` folder with a UNet checkpoint")
+    p.add_argument("--sets", default="single", help="comma-separated prompt sets of prompt_split()")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="v_prediction")
+    p.add_argument("--threads", type=int, default=1, help="leave the training run its cores")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    pipe, step = checkpoint_pipeline(args.out, args.prediction_type)
+    split = prompt_split()
+    results = evaluate_model(pipe, seeds=tuple(range(args.seeds)), sets={name: split[name] for name in args.sets.split(",")})
+    print(json.dumps({"step": step, **results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
