@@ -13,10 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
-from lab.tinyworld import model as tw_model
 from lab.tinyworld.judge import score_prompt
+from lab.tinyworld.train import load_trained_vae
 from lab.tinyworld.world import SIZES, TEXTURES, fixed_caption, render, sample_scene
 
 SEED = 30_000_000  # training scenes use seeds [0, n), evaluation splits 10_000_000 + ...
@@ -28,12 +27,7 @@ def load_vae(source: str):
         from diffusers import AutoencoderKL
 
         return AutoencoderKL.from_pretrained(str(path), subfolder="vae").eval()
-    vae = tw_model.make_vae()
-    vae.load_state_dict(load_file(str(path / "vae_final.safetensors")))
-    if (path / "decoder_final.safetensors").exists():
-        vae.decoder.load_state_dict(load_file(str(path / "decoder_final.safetensors")))
-        vae.post_quant_conv.load_state_dict(load_file(str(path / "post_quant_conv_final.safetensors")))
-    return vae.eval()
+    return load_trained_vae(path)
 
 
 @torch.no_grad()

@@ -414,6 +414,16 @@ def finetune_decoder(out: Path, vae, images: np.ndarray, latents: torch.Tensor, 
     return vae
 
 
+def load_trained_vae(out: Path) -> torch.nn.Module:
+    """The VAE a training folder holds (stage 3), with its fine-tuned decoder once stage 4b is done."""
+    vae = tw_model.make_vae()
+    vae.load_state_dict(load_file(str(out / "vae_final.safetensors")))
+    if (out / "decoder_final.safetensors").exists():
+        vae.decoder.load_state_dict(load_file(str(out / "decoder_final.safetensors")))
+        vae.post_quant_conv.load_state_dict(load_file(str(out / "post_quant_conv_final.safetensors")))
+    return vae.eval()
+
+
 # ----------------------------------------------------------------------------- stage 5: UNet
 
 class EMA:
