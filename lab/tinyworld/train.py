@@ -645,19 +645,24 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
 
 # ----------------------------------------------------------------------------- stage 6: export
 
+def assemble_pipeline(vae, unet, text_encoder, scaling: float, scheduler=None):
+    """The trained parts as a StableDiffusionPipeline on the CPU, in eval mode."""
+    from diffusers import StableDiffusionPipeline
+
+    vae.register_to_config(scaling_factor=scaling)
+    return StableDiffusionPipeline(
+        vae=vae.cpu().eval(), text_encoder=text_encoder.cpu().eval(), tokenizer=tw_model.make_tokenizer(),
+        unet=unet.cpu().eval(), scheduler=scheduler or tw_model.make_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def export_pipeline(vae, unet, text_encoder, scaling: float, folder: Path, scheduler=None) -> Path:
     """A genuine StableDiffusionPipeline folder, loadable with plain `from_pretrained`.
 
     Stored in float32: recent transformers load weights in their stored dtype, so fp16 storage would
     give a mixed-precision pipeline on a plain `from_pretrained(path)`. The model fits in ~35 MB anyway."""
-    from diffusers import StableDiffusionPipeline
-
-    vae.register_to_config(scaling_factor=scaling)
-    pipe = StableDiffusionPipeline(
-        vae=vae.cpu().eval(), text_encoder=text_encoder.cpu().eval(), tokenizer=tw_model.make_tokenizer(),
-        unet=unet.cpu().eval(), scheduler=scheduler or tw_model.make_scheduler(), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble_pipeline(vae, unet, text_encoder, scaling, scheduler)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
         # The slow tokenizer's files too, so transformers 4.x loads the folder as well as 5.x.
