@@ -168,6 +168,38 @@ def test_make_data_keeps_each_objects_true_mask_at_the_latent_resolution(tmp_pat
             assert mask[k][int(scene.objects[k].cy // 4), int(scene.objects[k].cx // 4)] > 0
 
 
+def test_object_weights_raise_the_reconstruction_loss_on_object_pixels_only(tmp_path):
+    images, scenes, masks = train.make_data(tmp_path, 8, workers=1)
+    weights = train.object_weights(masks, "cpu", object_weight=4.0)
+    assert weights.shape == (8, 1, 64, 64)
+    cover = masks.max(axis=1).repeat(4, axis=1).repeat(4, axis=2) / 255  # each 16x16 cell is a 4x4 pixel block
+    assert torch.allclose(weights[:, 0], torch.from_numpy(1 + 4 * cover).float())
+    assert weights.min() == 1 and weights.max() == 5  # background cells 1, fully covered object cells 5
+
+    x = train._to_tensor(images, "cpu")
+    on_objects = torch.from_numpy(cover > 0.99)[:, None].expand_as(x)
+    off_objects = torch.from_numpy(cover == 0)[:, None].expand_as(x)
+    n = int(min(on_objects.sum(), off_objects.sum()))  # the same noise on as many pixels in each place
+    noise = 0.3 * torch.randn(n, generator=torch.Generator().manual_seed(0))
+    object_error, background_error = x.clone().flatten(), x.clone().flatten()
+    object_error[on_objects.flatten().nonzero()[:n, 0]] += noise
+    background_error[off_objects.flatten().nonzero()[:n, 0]] += noise
+    object_error, background_error = object_error.view_as(x), background_error.view_as(x)
+    ones = torch.ones_like(weights)
+    # Unweighted, the two errors cost about the same (only the image-gradient term differs by where the noise lies);
+    # weighted, the error on the objects costs several times more.
+    plain_ratio = train.reconstruction_loss(object_error, x, ones) / train.reconstruction_loss(background_error, x, ones)
+    weighted_ratio = (train.reconstruction_loss(object_error, x, weights)
+                      / train.reconstruction_loss(background_error, x, weights))
+    assert 0.8 < plain_ratio < 1.25
+    assert weighted_ratio > 3 * plain_ratio
+    # Unit weights give back the plain loss: L1 + MSE + half the L1 of the image gradients.
+    (gy, gx), (ty, tx) = train._image_gradients(object_error), train._image_gradients(x)
+    plain = (torch.nn.functional.l1_loss(object_error, x) + torch.nn.functional.mse_loss(object_error, x)
+             + 0.5 * (torch.nn.functional.l1_loss(gy, ty) + torch.nn.functional.l1_loss(gx, tx)))
+    assert torch.allclose(train.reconstruction_loss(object_error, x, ones), plain)
+
+
 def test_object_nouns_finds_each_objects_shape_word_in_any_caption():
     from lab.tinyworld import model as tw_model
     from lab.tinyworld.world import caption, sample_scene
