@@ -399,7 +399,8 @@ def encode_latents(out: Path, vae, images: np.ndarray, device, batch: int = 256)
 def finetune_decoder(out: Path, vae, images: np.ndarray, latents: torch.Tensor, steps: int, batch: int, lr: float,
                      seed: int, device, masks: np.ndarray | None = None, object_weight: float = 0.0) -> torch.nn.Module:
     """Sharpen the decoder on the frozen encoder's latents (as SD's ft-MSE VAE did): the latent space,
-    and so the UNet trained on it, is unchanged. An L1 loss on image gradients keeps edges and stripes crisp."""
+    and so the UNet trained on it, is unchanged. An L1 loss on image gradients keeps edges and stripes crisp,
+    and weighting object pixels (`object_weight`) keeps the dots."""
     final = out / "decoder_final.safetensors"
     if final.exists():
         vae.decoder.load_state_dict(load_file(str(final)))
@@ -759,9 +760,9 @@ def main(argv=None) -> None:
     p.add_argument("--vae-steps", type=int, default=1400)
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--vae-object-weight", type=float, default=4.0,
-                   help="extra reconstruction weight on object pixels (0: every pixel alike, as before v8)")
+                   help="extra reconstruction weight on object pixels (0: every pixel alike, plain L1 + MSE)")
     p.add_argument("--decoder-object-weight", type=float, default=20.0,
-                   help="the same for the decoder fine-tuning: dots stay sharp (0: as before v8)")
+                   help="the same for the decoder fine-tuning, where it keeps dots sharp (0: every pixel alike)")
     p.add_argument("--decoder-steps", type=int, default=1500, help="decoder fine-tuning on frozen latents")
     p.add_argument("--text-steps", type=int, default=800,
                    help="pre-train the text encoder to read each caption's scene, then train the UNet on it frozen "
