@@ -200,6 +200,35 @@ def test_object_weights_raise_the_reconstruction_loss_on_object_pixels_only(tmp_
     assert torch.allclose(train.reconstruction_loss(object_error, x, ones), plain)
 
 
+def test_denoising_loss_weighs_object_cells_up_without_changing_the_loss_scale(tmp_path):
+    _, _, masks = train.make_data(tmp_path, 8, workers=1)
+    cells = train.object_weights(masks, "cpu", object_weight=4.0, scale_factor=1)
+    assert cells.shape == (8, 1, 16, 16)
+    assert torch.allclose(cells[:, 0], torch.from_numpy(1 + 4 * (masks.max(axis=1) / 255)).float())
+    target = torch.randn(8, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    timestep_weight = torch.rand(8, generator=torch.Generator().manual_seed(1)) + 0.5
+    # No cell weights: the timestep-weighted MSE of before, exactly.
+    pred = target + 0.1 * torch.randn(target.shape, generator=torch.Generator().manual_seed(2))
+    plain = (timestep_weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
+    assert torch.allclose(train.denoising_loss(pred, target, timestep_weight), plain)
+    # The same error on every cell costs the same weighted or not: the weights move the loss, not its scale.
+    uniform = target + 0.1
+    assert torch.allclose(train.denoising_loss(uniform, target, timestep_weight, cells),
+                          train.denoising_loss(uniform, target, timestep_weight))
+    # An error on fully covered object cells costs 5x the same error on as many background cells.
+    on, off = masks.max(axis=1) == 255, masks.max(axis=1) == 0
+    for row in range(8):
+        keep = min(on[row].sum(), off[row].sum())
+        on[row][tuple(np.argwhere(on[row])[keep:].T)] = False
+        off[row][tuple(np.argwhere(off[row])[keep:].T)] = False
+    assert on.sum() > 0
+    on_objects = target + 0.5 * torch.from_numpy(on)[:, None].float()
+    on_background = target + 0.5 * torch.from_numpy(off)[:, None].float()
+    ratio = (train.denoising_loss(on_objects, target, timestep_weight, cells)
+             / train.denoising_loss(on_background, target, timestep_weight, cells))
+    assert torch.isclose(ratio, torch.tensor(5.0), rtol=1e-4)
+
+
 def test_object_nouns_finds_each_objects_shape_word_in_any_caption():
     from lab.tinyworld import model as tw_model
     from lab.tinyworld.world import caption, sample_scene

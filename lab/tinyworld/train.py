@@ -14,7 +14,8 @@ Stages, each checkpointed and skipped when already done:
   5. unet    train the UNet on the frozen text encoder on noised latents: v-prediction on a zero-terminal-SNR
              schedule (the last step is pure noise, so only the text can place objects; --prediction-type
              epsilon gives SD 1.x's schedule), Min-SNR-5 weighting floored at the noisiest steps
-             (--layout-weight), 10% caption dropout for classifier-free guidance, EMA of the weights.
+             (--layout-weight), the error on object cells weighted up (--unet-object-weight), 10% caption
+             dropout for classifier-free guidance, EMA of the weights.
              Captions are re-drawn from each scene's ground truth every time it is seen. A grounding
              loss (--grounding-weight, TokenCompose's token loss) pulls each object noun's 16x16 and
              8x8 cross-attention into that object's true mask; lab's hooks read the attention.
@@ -318,12 +319,15 @@ def _image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
 
 
-def object_weights(masks: np.ndarray, device, object_weight: float) -> torch.Tensor:
-    """(B, 3, 16, 16) uint8 mask coverage -> (B, 1, 64, 64) pixel weights: 1 on the background, 1 + `object_weight`
-    on objects. The pale gradient backgrounds are most of every image and easy; weighting the objects keeps
-    the reconstruction loss about their small detail (5-pixel dots) instead of averaging it away."""
+def object_weights(masks: np.ndarray, device, object_weight: float, scale_factor: int = 4) -> torch.Tensor:
+    """(B, 3, 16, 16) uint8 mask coverage -> (B, 1, 64, 64) pixel weights (scale_factor 1: (B, 1, 16, 16),
+    one per latent cell): 1 on the background, 1 + `object_weight` on objects. The pale gradient backgrounds
+    are most of every image and easy; weighting the objects keeps the loss about their small detail (5-pixel
+    dots) instead of averaging it away."""
     cover = torch.from_numpy(masks).to(device).float().amax(dim=1, keepdim=True) / 255.0
-    return 1.0 + object_weight * F.interpolate(cover, scale_factor=4, mode="nearest")
+    if scale_factor != 1:
+        cover = F.interpolate(cover, scale_factor=scale_factor, mode="nearest")
+    return 1.0 + object_weight * cover
 
 
 def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -539,6 +543,20 @@ def grounding_loss(probs: dict[str, torch.Tensor], rows: torch.Tensor, tokens: t
     return torch.stack(losses).mean()
 
 
+def denoising_loss(pred: torch.Tensor, target: torch.Tensor, timestep_weight: torch.Tensor,
+                   cell_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The prediction MSE, weighted per sample by `timestep_weight` (loss_weight) and, with `cell_weights`
+    (B, 1, h, w), per latent cell: a weighted mean over each sample's cells, so the weights move the loss
+    toward the objects without changing its scale. Objects are a few percent of each latent; unweighted,
+    their shape and texture are a few percent of the gradient."""
+    error = F.mse_loss(pred, target, reduction="none")
+    if cell_weights is None:
+        per_sample = error.mean(dim=(1, 2, 3))
+    else:
+        per_sample = (error * cell_weights).mean(dim=(1, 2, 3)) / cell_weights.mean(dim=(1, 2, 3))
+    return (timestep_weight * per_sample).mean()
+
+
 def learning_rate(peak: float, step: int, steps: int, spent_s: float = 0.0, budget_s: float | None = None,
                   warmup: int = 200) -> float:
     """Linear warm-up, then a cosine to zero at whichever ends first: `steps`, or `budget_s` seconds."""
@@ -552,11 +570,13 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
                lr: float, seed: int, device, cfg_dropout: float = 0.1, min_snr_gamma: float = 5.0,
                layout_weight: float = 0.0, scheduler=None, max_minutes: float | None = None,
                reinit_words: tuple[str, ...] = (), masks: np.ndarray | None = None, grounding_weight: float = 0.0,
-               frozen_text_encoder: Path | None = None):
+               frozen_text_encoder: Path | None = None, object_weight: float = 0.0):
     """With `frozen_text_encoder` (pretrain_text_encoder's weights) the UNet trains on that text encoder,
-    frozen, as SD's UNet trains on a frozen CLIP; without, both train jointly from the start."""
-    if grounding_weight and masks is None:
-        raise ValueError("grounding_weight needs the object masks (make_data's third result)")
+    frozen, as SD's UNet trains on a frozen CLIP; without, both train jointly from the start.
+    `object_weight` weighs the denoising error on latent cells covered by objects 1 + object_weight
+    times the background's (denoising_loss)."""
+    if (grounding_weight or object_weight) and masks is None:
+        raise ValueError("grounding_weight and object_weight need the object masks (make_data's third result)")
     torch.manual_seed(seed)
     unet, text_encoder = tw_model.make_unet().to(device), tw_model.make_text_encoder().to(device)
     tokenizer, scheduler = tw_model.make_tokenizer(), scheduler or tw_model.make_scheduler()
@@ -627,7 +647,8 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
             pred = unet(xt, t, encoder_hidden_states=cond).sample
             target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
             weight = loss_weight(snr[t], min_snr_gamma, layout_weight, prediction_type)
-            loss = (weight * F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))).mean()
+            cells = object_weights(masks[idx], device, object_weight, scale_factor=1) if object_weight else None
+            loss = denoising_loss(pred, target, weight, cells)
             if attention is not None:
                 nouns = [(row, token, obj) for row, i in enumerate(idx)
                          for obj, token in enumerate(object_nouns(ids[row].tolist(), scenes[i], shape_ids) or [])]
@@ -660,6 +681,7 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
     (final / "state.json").write_text(json.dumps({"step": len(losses), "planned_steps": steps, "losses": losses,
                                                   "unet_seconds": spent_before + time.time() - started,
                                                   "grounding_weight": grounding_weight,
+                                                  "object_weight": object_weight,
                                                   "grounding_losses": grounding_losses}))
     unet.load_state_dict(ema_u.shadow)
     text_encoder.load_state_dict(ema_t.shadow)
@@ -780,6 +802,8 @@ def main(argv=None) -> None:
     p.add_argument("--grounding-weight", type=float, default=0.1,
                    help="weight of TokenCompose's token loss, which pulls each object noun's cross-attention "
                         "into the object's true mask (0: off)")
+    p.add_argument("--unet-object-weight", type=float, default=4.0,
+                   help="extra denoising-loss weight on latent cells the objects cover (0: every cell alike)")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="v_prediction")
     p.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction, default=None,
                    help="rescale the schedule so its last step is pure noise (default with v-prediction; "
@@ -828,7 +852,7 @@ def main(argv=None) -> None:
                                     scheduler=scheduler, max_minutes=args.unet_minutes,
                                     reinit_words=tuple(w for w in args.reinit_words.split(",") if w),
                                     masks=masks, grounding_weight=args.grounding_weight,
-                                    frozen_text_encoder=text_encoder_path)
+                                    frozen_text_encoder=text_encoder_path, object_weight=args.unet_object_weight)
     timings["unet_s"] = time.time() - t0 - sum(timings.values())
     folder = export_pipeline(vae, unet, text_encoder, scaling, args.export or args.out / "pipeline", scheduler)
     plot_losses(args.out, args.out / "training_losses.png")
