@@ -183,6 +183,23 @@ def test_judge_reports_every_attribute():
     assert not absent["all_present"]
 
 
+def test_summary_says_what_the_judge_read_where_a_texture_was_asked():
+    from lab.tinyworld.evaluate import summarize
+
+    scene = Scene([WorldObject("star", "purple", 26.0, "striped", 20.0, 30.0),
+                   WorldObject("circle", "yellow", 14.0, "dotted", 48.0, 30.0)], "sky", relation="left of")
+    image = render(scene).image
+    prompts = ["a striped purple star left of a dotted yellow circle",  # both right
+               "a dotted purple star left of a striped yellow circle",  # both textures swapped
+               "a purple star, a yellow circle and a dotted green heart",  # a third object the image lacks
+               "a purple star"]                                            # no texture asked
+    summary = summarize([(p, score_prompt(p, image)) for p in prompts])
+    assert summary["texture_confusion"] == {"dotted -> dotted": 1, "dotted -> missing": 1, "dotted -> striped": 1,
+                                            "striped -> dotted": 1, "striped -> striped": 1}
+    assert summary["texture"] == 2 / 5
+    assert summarize([("a purple star", score_prompt("a purple star", image))])["texture_confusion"] is None
+
+
 def test_judge_rejects_bad_images():
     with pytest.raises(ValueError, match="RGB"):
         read_image(np.zeros((64, 64)))

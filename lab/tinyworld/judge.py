@@ -251,6 +251,7 @@ def score_prompt(prompt: str | PromptSpec, image) -> dict:
         r["shape"] = got is not None and got.shape == want["shape"]
         r["color"] = None if want["color"] is None else (got is not None and got.color == want["color"])
         r["texture"] = None if want["texture"] is None else (got is not None and got.texture == want["texture"])
+        r["texture_read"] = None if want["texture"] is None or got is None else got.texture
         r["size"] = None if want["size_label"] is None else (got is not None and got.size_label == want["size_label"])
         r["centre"] = None if got is None else (float(got.cx), float(got.cy))
         per_object.append(r)
