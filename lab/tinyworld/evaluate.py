@@ -222,8 +222,9 @@ def summarize(scores: list[tuple[str, dict]]) -> dict:
         values = [v for v in values if v is not None]
         return (sum(values) / len(values)) if values else None
     objs = [o for _, s in scores for o in s["objects"]]
-    asked = [(want["texture"], got.get("texture_read") or "missing") for p, s in scores
-             for want, got in zip(parse_prompt(p).objects, s["objects"]) if want["texture"] is not None]
+    specs = [parse_prompt(p) for p, _ in scores]
+    asked = [(want["texture"], got.get("texture_read") or "missing") for spec, (_, s) in zip(specs, scores)
+             for want, got in zip(spec.objects, s["objects"]) if want["texture"] is not None]
     return {
         "n_images": len(scores),
         "shape_and_color": rate([o["shape"] and o["color"] is not False for o in objs]),
@@ -231,7 +232,7 @@ def summarize(scores: list[tuple[str, dict]]) -> dict:
         "relation": rate([s["relation"] for _, s in scores]),
         "texture": rate([o["texture"] for o in objs]),
         "size": rate([o["size"] for o in objs]),
-        "exact_object_count": rate([s["n_found"] == len(parse_prompt(p).objects) for p, s in scores]),
+        "exact_object_count": rate([s["n_found"] == len(spec.objects) for spec, (_, s) in zip(specs, scores)]),
         # What the judge read where a texture was asked ("dotted -> striped": 8); "missing": no such object.
         "texture_confusion": dict(sorted(collections.Counter(f"{a} -> {b}" for a, b in asked).items())) if asked else None,
     }
