@@ -785,12 +785,13 @@ def main(argv=None) -> None:
                    help="extra reconstruction weight on object pixels (0: every pixel alike, plain L1 + MSE)")
     p.add_argument("--decoder-object-weight", type=float, default=20.0,
                    help="the same for the decoder fine-tuning, where it keeps dots sharp (0: every pixel alike)")
-    p.add_argument("--decoder-steps", type=int, default=1500, help="decoder fine-tuning on frozen latents")
+    p.add_argument("--decoder-steps", type=int, default=3000,
+                   help="decoder fine-tuning on frozen latents (1500 kept 62 %% of small dots readable, 3000 95 %%)")
     p.add_argument("--text-steps", type=int, default=800,
                    help="pre-train the text encoder to read each caption's scene, then train the UNet on it frozen "
                         "(0: train both jointly from scratch; skipped with --init-from)")
     p.add_argument("--text-batch", type=int, default=128)
-    p.add_argument("--decoder-only", action="store_true", help="stop after the decoder stage (it can run beside the UNet's)")
+    p.add_argument("--decoder-only", action="store_true", help="stop after the decoder stage (the same command without it goes on from there)")
     p.add_argument("--unet-steps", type=int, default=2800)
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-minutes", type=float, default=None,
