@@ -399,3 +399,19 @@ def test_pretraining_teaches_the_text_encoder_to_read_the_scene_from_captions(tm
     assert shape_similarity(trained) < shape_similarity(fresh) - 0.1
     # Done means done: a second call reads the result instead of training again.
     assert train.pretrain_text_encoder(tmp_path, scenes, steps=150, batch=32, lr=2e-3, seed=0, device="cpu") == (path, summary)
+
+
+def test_the_documented_command_still_parses_to_the_shipped_models_training_arguments():
+    # The README's command is the embedded model's recipe: if a default changes, either the shipped
+    # model or the documentation has to change with it.
+    import re
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    command = re.search(r"^sdlab tinyworld train --out runs/v11 .*$", (root / "README.md").read_text(), re.M)
+    assert command, "README.md no longer shows the embedded model's training command"
+    argv = shlex.split(command.group(0))[3:] + ["--device", "cpu"]
+    parsed = vars(train.parse_args(train.argument_parser(), argv))
+    recorded = json.loads((root / "datasets/tinyworld/results/training_report_v11.json").read_text())["args"]
+    assert {key: str(value) for key, value in parsed.items()} == recorded
