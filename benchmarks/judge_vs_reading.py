@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    pipe = lab.load_pipeline(args.model) if args.model else lab.load_pipeline()
+    pipe = lab.load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     split = prompt_split()
     items = [(name, prompt) for name in ("single", "pairs", "attributes") for prompt in split[name][::2]]
