@@ -8,7 +8,8 @@ guidance 5, one seed) and writes, under benchmarks/results/:
                                (rows of six: singles, pairs, attributes), to be read by eye first;
   judge_vs_reading.json        each image's prompt, the judge's reading and its score, with an empty
                                "reading" field for what the person saw (shape, colour, texture per object).
-The person's readings and the comparison are written into that file by hand; the data card reports them.
+The person's readings and the comparison are written into that file by hand (the data card reports them),
+so the script will not replace a file holding readings unless given --overwrite.
 """
 
 import argparse
@@ -31,7 +32,12 @@ def main() -> None:
     p.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--overwrite", action="store_true", help="replace a results file that holds a person's readings")
     args = p.parse_args()
+    results = RESULTS / "judge_vs_reading.json"
+    if results.exists() and not args.overwrite and any(
+            r.get("reading") is not None for r in json.loads(results.read_text())["images"]):
+        p.error(f"{results} holds readings made by eye; pass --overwrite to replace them with a new, unread sheet")
     torch.set_num_threads(args.threads)
     pipe = lab.load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
@@ -52,7 +58,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     Image.fromarray(sheet).resize((sheet.shape[1] * 4, sheet.shape[0] * 4), Image.NEAREST).save(
         RESULTS / "judge_vs_reading_sheet.png")
-    (RESULTS / "judge_vs_reading.json").write_text(json.dumps(
+    results.write_text(json.dumps(
         {"model": args.model or "embedded", "seed": args.seed, "steps": 20, "guidance": 5.0, "images": records}, indent=1))
     print(f"wrote {RESULTS / 'judge_vs_reading_sheet.png'} and judge_vs_reading.json ({len(records)} images)")
 
