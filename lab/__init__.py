@@ -1,37 +1,73 @@
-"""sdlab: look inside Stable Diffusion and edit what it does."""
+"""sdlab: look inside Stable Diffusion and edit what it does.
+
+    import lab
+    pipe = lab.load_pipeline()                       # the embedded TinyWorld model, or any SD 1.x / 2.x / XL
+    with lab.trace(pipe) as tr:
+        maps = tr.capture("cross", "probs", reduce=lab.Mean(over=("steps", "heads")))
+        pipe("a red circle left of a blue square")
+
+`lab.__all__` lists the verbs users call and the reducers they pass; the library's types (Site,
+StepContext, Capture, Selector, Result, ...) live in their modules: lab.hooks, lab.results, ...
+The core every technique stands on: lab.hooks (sites, selectors, named batch rows, captures and
+edits), lab.diffusion (schedules, DDIM steps, guidance, VAE and prompt encoding), lab.weights
+(weight edits that are always undone), lab.results (one result shape, saved as safetensors + JSON).
+"""
+
+__version__ = "0.1.0"
 
 from lab import hooks, tokens
-from lab.hooks import (
+from lab.hooks import Mean, Stack, Sum, TopK, active_hooks, remove_all_hooks, scale_tokens, select_sites, sites, trace
+from lab.pipelines import load_pipeline
+from lab.tokens import prompt_tokens, token_indices
+from lab import daam, heatmap, ovam, results
+
+# Reachable as lab.<Name> since before __all__ existed; their home is the module named.
+from lab.hooks import (  # noqa: F401
     Capture,
     CaptureTooLarge,
     Edit,
     ExplicitAttnProcessor,
-    Mean,
     MemoryEstimate,
     Site,
-    Stack,
     StepContext,
-    Sum,
-    TopK,
     Trace,
-    active_hooks,
-    remove_all_hooks,
-    scale_tokens,
-    select_sites,
-    sites,
-    trace,
 )
-from lab.tokens import prompt_tokens, token_indices
-from lab.pipelines import load_pipeline
-from lab import daam
-from lab.daam import AttributionRun, HeatMap, OptimizedToken
+from lab.daam import AttributionRun, HeatMap, OptimizedToken  # noqa: F401
+
+__all__ = [
+    # verbs
+    "load_pipeline",
+    "trace",
+    "sites",
+    "select_sites",
+    "scale_tokens",
+    "prompt_tokens",
+    "token_indices",
+    "active_hooks",
+    "remove_all_hooks",
+    # reducers, passed to Trace.capture
+    "Mean",
+    "Sum",
+    "Stack",
+    "TopK",
+    # modules
+    "hooks",
+    "tokens",
+    "daam",
+    "ovam",
+    "heatmap",
+    "results",
+]
+
+_LAZY_MODULES = ("testing", "diffusion", "weights")
 
 
 def __getattr__(name: str):
     # `lab.testing` builds pipelines, which imports all of diffusers' and transformers' pipeline code
     # (seconds, plus transformers' torchvision notices): loaded on first use, not on `import lab`.
-    if name == "testing":
+    # lab.diffusion and lab.weights are imported on first use too (peft is only needed for LoRA).
+    if name in _LAZY_MODULES:
         import importlib
 
-        return importlib.import_module("lab.testing")
+        return importlib.import_module(f"lab.{name}")
     raise AttributeError(f"module 'lab' has no attribute {name!r}")

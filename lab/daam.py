@@ -69,20 +69,18 @@ what to narrow.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
 
-from lab import hooks
-from lab.hooks import CaptureTooLarge, Mean, Site, Stack
+from lab import hooks, ovam
+from lab.heatmap import DAAM_THRESHOLD, HeatMap, plot_grid, upsample_and_add
+from lab.hooks import CaptureTooLarge, Mean, Selector, Site, Stack
+from lab.ovam import OptimizedToken
+from lab.results import Result, as_uint8_images
 from lab.tokens import clip_tokenizer, prompt_tokens, token_indices
 
 __all__ = [
@@ -91,19 +89,18 @@ __all__ = [
     "AttributionRun",
     "AttributionTrace",
     "TracedSite",
+    "OptimizedToken",
     "trace",
     "trace_generation",
     "plot_grid",
     "predicted_clean_latents",
 ]
 
-PAPER_THRESHOLD = 0.4  # tau of DAAM, section 3
+PAPER_THRESHOLD = DAAM_THRESHOLD  # tau of DAAM, section 3
 # Self-attention probabilities are (queries x queries) per layer: 64x64-latent layers of real SD hold
 # 16.8 M numbers each. By default only layers with at most 32x32 queries at the UNet's native size are
 # recorded (SD 1.5 at 512 px: 32x32, 16x16 and 8x8; TinyWorld: all of them).
 DEFAULT_SELF_ATTENTION_QUERIES = 32 * 32
-RUN_FORMAT = "sdlab.daam.AttributionRun"
-RUN_FORMAT_VERSION = 1
 
 _NARROWING_ADVICE = (
     "lab.daam: the attribution captures would not fit in memory. Narrow them with "
@@ -115,160 +112,27 @@ _NARROWING_ADVICE = (
 
 
 # ----------------------------------------------------------------------------------------------
-# Heat maps
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class HeatMap:
-    """One attribution map at image size, with what it was computed from.
-
-    values   float32 (height, width), >= 0. DAAM / open-vocabulary: mean attention paid to the word.
-             Self-attention: the share of the query pixel's attention landing on each pixel (sums to 1).
-    image    the generated image, uint8 (height, width, 3), or None (then overlays show the map alone).
-    """
-
-    values: np.ndarray
-    word: str
-    kind: str  # "daam", "open-vocabulary" or "self-attention"
-    prompt: str
-    image: np.ndarray | None = None
-    steps: tuple[int, ...] = ()
-    sites: tuple[str, ...] = ()
-    heads: tuple[int, ...] | None = None  # None: all heads
-
-    def __repr__(self):
-        height, width = self.values.shape
-        heads = "all heads" if self.heads is None else f"heads {list(self.heads)}"
-        return (f"<HeatMap {self.kind} {self.word!r} {width}x{height}: {len(self.steps)} steps, "
-                f"{len(self.sites)} layers, {heads}>")
-
-    def normalized(self) -> np.ndarray:
-        """Min-max normalised to [0, 1], as DAAM's reference code does before thresholding (a weak,
-        diffuse map still spans [0, 1]); all zeros if the map is constant."""
-        low, high = float(self.values.min()), float(self.values.max())
-        return (self.values - low) / (high - low) if high > low else np.zeros_like(self.values)
-
-    def mask(self, threshold: float = PAPER_THRESHOLD) -> np.ndarray:
-        """The paper's segmentation: normalized() > threshold (bool, height x width)."""
-        return self.normalized() > threshold
-
-    def peak(self) -> tuple[int, int]:
-        """(x, y) of the largest value."""
-        y, x = np.unravel_index(int(np.argmax(self.values)), self.values.shape)
-        return int(x), int(y)
-
-    def overlay(self, alpha: float = 0.5, cmap: str = "jet") -> Image.Image:
-        """The normalised map through a matplotlib colormap, blended over the image (alpha = map's weight)."""
-        import matplotlib
-
-        colours = matplotlib.colormaps[cmap](self.normalized())[..., :3] * 255.0
-        if self.image is None:
-            return Image.fromarray(colours.round().astype(np.uint8))
-        blended = (1 - alpha) * self.image.astype(np.float32) + alpha * colours
-        return Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
-
-    def plot(self, ax=None, alpha: float = 0.5, cmap: str = "jet", title: str | None = None):
-        """Draw the image with the map on top on a matplotlib axis (a new figure if ax is None)."""
-        import matplotlib.pyplot as plt
-
-        if ax is None:
-            _, ax = plt.subplots(figsize=(3, 3))
-        if self.image is not None:
-            ax.imshow(self.image)
-        ax.imshow(self.normalized(), cmap=cmap, alpha=alpha if self.image is not None else 1.0, vmin=0, vmax=1)
-        ax.set_title(self.word if title is None else title)
-        ax.axis("off")
-        return ax
-
-
-def plot_grid(heat_maps: Iterable[HeatMap], ncols: int = 4, alpha: float = 0.5, cmap: str = "jet",
-              size: float = 2.5, with_image: bool = True):
-    """Several heat maps side by side (e.g. one per word), the generated image first. Returns the figure."""
-    import matplotlib.pyplot as plt
-
-    heat_maps = list(heat_maps)
-    if not heat_maps:
-        raise ValueError("plot_grid needs at least one heat map")
-    show_image = with_image and heat_maps[0].image is not None
-    panels = len(heat_maps) + int(show_image)
-    ncols = max(1, min(ncols, panels))
-    nrows = (panels + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
-    axes = list(axes.flat)
-    if show_image:
-        axes[0].imshow(heat_maps[0].image)
-        axes[0].set_title("image")
-        axes[0].axis("off")
-    for ax, heat_map in zip(axes[int(show_image):], heat_maps):
-        heat_map.plot(ax, alpha=alpha, cmap=cmap)
-    for ax in axes[panels:]:
-        ax.axis("off")
-    fig.tight_layout()
-    return fig
-
-
-# ----------------------------------------------------------------------------------------------
 # Choosing layers at trace time
 # ----------------------------------------------------------------------------------------------
-
-@dataclass
-class OptimizedToken:
-    """A text embedding whose word rows were fitted to a mask by AttributionRun.optimize_token (OVAM).
-
-    embedding  (77, dim) float32: the attribution prompt's text-encoder output with the word's rows optimised
-    losses     the loss at every optimisation step
-    Use it on any run traced with open_vocabulary=True by the same pipeline: run.open_vocab_map(token).
-    """
-
-    word: str
-    attribution_prompt: str
-    tokens: tuple[int, ...]
-    embedding: torch.Tensor
-    losses: list[float]
-
-    def __repr__(self):
-        last = f"{self.losses[-1]:.4f}" if self.losses else "n/a"
-        return f"<OptimizedToken {self.word!r} in {self.attribution_prompt!r}: {len(self.losses)} steps, loss {last}>"
-
-    def save(self, path: str | Path) -> Path:
-        """One safetensors file; the word, prompt, token positions and losses go in its metadata."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        metadata = {"format": "sdlab.daam.OptimizedToken", "word": self.word,
-                    "attribution_prompt": self.attribution_prompt, "tokens": json.dumps(list(self.tokens)),
-                    "losses": json.dumps(self.losses)}
-        save_file({"embedding": self.embedding.contiguous()}, str(path), metadata=metadata)
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "OptimizedToken":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if metadata.get("format") != "sdlab.daam.OptimizedToken":
-                raise ValueError(f"{path} is not an sdlab optimised token (saved by OptimizedToken.save)")
-            embedding = f.get_tensor("embedding")
-        return cls(word=metadata["word"], attribution_prompt=metadata["attribution_prompt"],
-                   tokens=tuple(json.loads(metadata["tokens"])), embedding=embedding,
-                   losses=json.loads(metadata["losses"]))
 
 
 def _attention_selector(pipe, selector, kind: str, argument: str):
     """The capture selector for `selector`, limited to attention layers of `kind` ("cross" or "self").
 
-    A lab shorthand is completed with `kind`, so that e.g. sites="16x16" records cross-attention only
-    (its resolution is resolved by lab at the first UNet call, when the latent size is known).
+    A shorthand means the `kind` part of what it picks, so that sites="16x16" records cross-attention
+    only (its resolution is resolved by lab at the first UNet call, when the latent size is known).
+    Names, globs, regexes, predicates and lists must pick layers of `kind` only. Checked now, so a bad
+    choice fails before anything runs.
     """
-    if hooks.is_shorthand(selector):
-        words = selector.split()
-        if "blocks" in words or ({"cross", "self"} - {kind}) & set(words):
-            raise ValueError(f"{argument}={selector!r} picks no {kind}-attention layers")
-        return " ".join(words if kind in words else [kind] + words)
-    # Names, globs, regexes, predicates, lists: resolved now, so a bad choice fails before anything runs.
-    chosen = hooks.select_sites(pipe, selector)
+    parsed = Selector.parse(selector)
+    if isinstance(parsed, hooks.selectors.Shorthand) or parsed.needs_latent_size:
+        limited = parsed & hooks.kind(kind)
+        try:
+            limited.resolve(hooks.sites(pipe), None)
+        except ValueError:
+            raise ValueError(f"{argument}={selector!r} picks no {kind}-attention layers") from None
+        return limited
+    chosen = parsed.resolve(hooks.sites(pipe, unet=True))
     wrong = [site.name for site in chosen if site.kind != kind]
     if wrong:
         raise ValueError(f"{argument}= must pick {kind}-attention layers; these are not: {', '.join(wrong)}")
@@ -494,7 +358,7 @@ class AttributionTrace:
                 traced[name] = TracedSite(name, site.kind, site.place, site.level, attn.heads,
                                           site.spatial_size(latent_size), capture.sizes[name], float(attn.scale))
 
-        image_array = _images_array(images)
+        image_array = as_uint8_images(images)
         vae_factor = getattr(self.pipe, "vae_scale_factor", 8)
         if image_array is not None:
             image_size = image_array.shape[1:3]
@@ -538,28 +402,13 @@ def _prompts_per_image(prompt, rows: int) -> list[str]:
     return [p for p in prompts for _ in range(per_prompt)]
 
 
-def _images_array(images) -> np.ndarray | None:
-    """PIL images / arrays -> uint8 (n, height, width, 3), or None."""
-    if images is None:
-        return None
-    if isinstance(images, torch.Tensor):
-        return None  # latents (output_type="latent"): nothing to overlay on
-    arrays = []
-    for image in images:
-        array = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
-        if array.dtype != np.uint8:
-            array = (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
-        arrays.append(array[..., :3])
-    return np.stack(arrays)
-
-
 # ----------------------------------------------------------------------------------------------
 # The result
 # ----------------------------------------------------------------------------------------------
 
 
-class AttributionRun:
-    """Everything recorded about one traced generation, and the maps computed from it.
+class AttributionRun(Result):
+    """Everything recorded about one traced generation, and the maps computed from it (a lab.results.Result).
 
     prompts         the prompt of each image
     images          uint8 (n, height, width, 3), or None
@@ -573,10 +422,16 @@ class AttributionRun:
                     heads_per_site has each layer's own count.
 
     Map methods: heat_map (DAAM), open_vocab_map (OVAM), self_attention_map; trajectory: x0.
+    save(folder) / AttributionRun.load(folder): run.json + maps.safetensors.
     With per_step=True the per-(step, layer, head) maps of a word are computed once and cached,
     then every slice (steps, sites, heads) is a few small sums and at most one upsampling per
     resolution: milliseconds.
     """
+
+    FORMAT = "sdlab.daam.AttributionRun"
+    VERSION = 1
+    METADATA_FILE = "run.json"
+    TENSORS_FILE = "maps.safetensors"
 
     def __init__(self, *, prompts, sites, timesteps, latent_size, image_size, per_step, cross_attention,
                  self_attention=None, queries=None, images=None, x0_images=None, settings=None,
@@ -639,7 +494,7 @@ class AttributionRun:
     def images(self) -> list[Image.Image]:
         if self.image_arrays is None:
             raise ValueError("this run has no images (pass images= to result(), or use trace_generation)")
-        return [Image.fromarray(array) for array in self.image_arrays]
+        return super().images
 
     @property
     def x0(self) -> list[list[Image.Image]]:
@@ -706,7 +561,7 @@ class AttributionRun:
 
     def open_vocab_map(self, word: "str | OptimizedToken", attribution_prompt: str | None = None, image: int = 0,
                        steps=None, sites=None, heads=None, occurrence: int | None = None, pipe=None) -> HeatMap:
-        """The OVAM map of `word`, which need not be in the generation prompt.
+        """The OVAM map of `word`, which need not be in the generation prompt (see lab.ovam).
 
         word                a word, or an OptimizedToken from optimize_token (then attribution_prompt
                             and occurrence come from it)
@@ -715,128 +570,17 @@ class AttributionRun:
                             default: the one that traced it (pass it after AttributionRun.load).
         steps, sites, heads, occurrence: as in heat_map.
         """
-        pipe = self._ovam_pipe(pipe)
-        image = self._image_index(image)
-        if isinstance(word, OptimizedToken):
-            token, embedding = word, word.embedding
-            word, attribution_prompt, tokens = token.word, token.attribution_prompt, list(token.tokens)
-            # Keyed by content, not id(): a new token may reuse a collected one's id.
-            digest = hashlib.sha1(embedding.detach().float().cpu().numpy().tobytes()).hexdigest()
-            key = ("ovam-optimized", image, attribution_prompt, tuple(tokens), digest)
-        else:
-            attribution_prompt = word if attribution_prompt is None else attribution_prompt
-            tokens = token_indices(self._tokenizer(), attribution_prompt, word, occurrence)
-            embedding = None
-            key = ("ovam", image, attribution_prompt, tuple(tokens))
-        if key not in self._word_maps:
-            if embedding is None:
-                embedding = self._text_embedding(pipe, attribution_prompt)
-            with torch.no_grad():
-                self._word_maps[key] = self._ovam_token_maps(pipe, image, embedding, tokens)
-        values, chosen = self._sum_maps(self._word_maps[key], True, steps, sites, heads)
-        return self._heat_map(values, word, "open-vocabulary", image, chosen, prompt=attribution_prompt)
+        return ovam.open_vocab_map(self, word, attribution_prompt, image, steps, sites, heads, occurrence, pipe)
 
     def optimize_token(self, word: str, mask, attribution_prompt: str | None = None, image: int = 0, steps=None,
                        sites=None, heads=None, occurrence: int | None = None, epochs: int = 100, lr: float = 0.05,
                        pipe=None, progress: bool = True) -> "OptimizedToken":
-        """OVAM's token optimisation: fit the word's text embedding so its open-vocabulary map
-        matches `mask` on this image; the returned token then segments the same concept in other
-        runs of the same pipeline: `other_run.open_vocab_map(token)`.
+        """OVAM's token optimisation: fit the word's text embedding so its open-vocabulary map matches
+        `mask` on this image; `other_run.open_vocab_map(token)` then segments the concept elsewhere.
+        See lab.ovam.optimize_token for the arguments and the loss."""
+        return ovam.optimize_token(self, word, mask, attribution_prompt, image, steps, sites, heads, occurrence,
+                                   epochs, lr, pipe, progress)
 
-        mask     the target, (height, width) at the run's image size: bool / 0-1 array, tensor or PIL image.
-        epochs   optimisation steps; lr: Adam's step size in embedding units.
-        Loss: binary cross-entropy between the min-max normalised map (as thresholded by mask())
-        and the mask, as in OVAM's reference code; Adam instead of its SGD at lr 300, so the step
-        size does not depend on the scale of one model's gradients. Only the word's rows of the
-        attribution prompt's text embedding change; the pipeline's weights are read, never updated.
-        Memory: the backward pass keeps every chosen (step, layer) softmax; on SD-sized models narrow
-        it with steps= / sites= (e.g. sites="16x16" for SD 1.x), as the paper does with its blocks.
-        """
-        pipe = self._ovam_pipe(pipe)
-        image = self._image_index(image)
-        target = self._as_mask(mask)
-        attribution_prompt = word if attribution_prompt is None else attribution_prompt
-        tokens = token_indices(self._tokenizer(), attribution_prompt, word, occurrence)
-        base = self._text_embedding(pipe, attribution_prompt)
-        rows = base[tokens].clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([rows], lr=lr)
-        losses = []
-        for _ in tqdm(range(epochs), desc=f"optimise token {word!r}", disable=not progress, leave=False):
-            embedding = base.index_put((torch.tensor(tokens),), rows)
-            values, _ = self._sum_maps(self._ovam_token_maps(pipe, image, embedding, tokens), True, steps, sites, heads)
-            normalized = (values - values.min()) / (values.max() - values.min()).clamp(min=1e-12)
-            loss = F.binary_cross_entropy(normalized.clamp(1e-6, 1 - 1e-6), target)
-            # autograd.grad, not backward(): only the embedding gets a gradient, the model's .grad stay untouched.
-            (rows.grad,) = torch.autograd.grad(loss, [rows])
-            optimizer.step()
-            losses.append(float(loss.detach()))
-        embedding = base.index_put((torch.tensor(tokens),), rows.detach())
-        return OptimizedToken(word=word, attribution_prompt=attribution_prompt, tokens=tuple(tokens),
-                              embedding=embedding, losses=losses)
-
-    def _ovam_pipe(self, pipe):
-        if not self.queries:
-            raise ValueError("open-vocabulary maps need the stored queries: trace with open_vocabulary=True")
-        pipe = pipe if pipe is not None else self.pipe
-        if pipe is None:
-            raise ValueError("open-vocabulary maps need the pipeline (text encoder and to_k): pass pipe=")
-        return pipe
-
-    def _as_mask(self, mask) -> torch.Tensor:
-        """A (height, width) float tensor of 0/1 at the run's image size."""
-        if isinstance(mask, HeatMap):
-            mask = mask.mask()
-        if isinstance(mask, Image.Image):
-            mask = np.asarray(mask.convert("L")) > 127
-        array = mask.detach().cpu().numpy() if torch.is_tensor(mask) else np.asarray(mask)
-        height, width = self.image_size
-        if array.ndim != 2:
-            raise ValueError(f"the mask must be 2-D (height, width) = ({height}, {width}), got shape {array.shape}")
-        if array.shape != (height, width):
-            raise ValueError(f"the mask is {array.shape[1]}x{array.shape[0]} but the run's images are {width}x{height} "
-                             "(width x height): give one value per image pixel")
-        return torch.from_numpy((array > 0.5).astype(np.float32))
-
-    def _ovam_token_maps(self, pipe, image: int, embedding: torch.Tensor, tokens: list[int]) -> dict[str, torch.Tensor]:
-        """{layer: (steps, heads, h, w)}: the word's attention with `embedding`'s keys in place of the
-        generation prompt's. Differentiable with respect to `embedding`."""
-        keys = self._keys_of(pipe, embedding)
-        maps = {}
-        for name, queries in self.queries.items():
-            site = self.sites[name]
-            query = queries[:, image].float()  # (steps, heads, queries, head_dim)
-            # The layer's own attention, with the attribution prompt's keys in place of the generation's.
-            probs = torch.softmax(query @ keys[name].transpose(-1, -2) * site.scale, dim=-1)
-            word = probs[..., tokens].mean(dim=-1)  # (steps, heads, queries)
-            maps[name] = word.reshape(*word.shape[:2], *site.grid)
-        return maps
-
-    def _text_embedding(self, pipe, attribution_prompt: str) -> torch.Tensor:
-        """(77, dim): the pipeline's text encoding of the attribution prompt (both encoders' for SDXL)."""
-        if attribution_prompt not in self._attribution_embeddings:
-            with torch.no_grad():
-                embedding = pipe.encode_prompt(prompt=attribution_prompt, device=pipe.device, num_images_per_prompt=1,
-                                               do_classifier_free_guidance=False, clip_skip=self.settings.get("clip_skip"))[0]
-            self._attribution_embeddings[attribution_prompt] = embedding[0].float().cpu()
-        return self._attribution_embeddings[attribution_prompt]
-
-    def _keys_of(self, pipe, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{layer: (heads, 77, head_dim)}: each layer's to_k of the text embedding (differentiable)."""
-        keys = {}
-        for name in self.queries:
-            attn = pipe.unet.get_submodule(name)
-            if embedding.shape[-1] != attn.to_k.in_features:
-                raise ValueError(f"this text embedding is {embedding.shape[-1]} wide but {name} reads "
-                                 f"{attn.to_k.in_features}-wide text: an OptimizedToken works only with the "
-                                 "pipeline it was optimised on")
-            text = embedding.to(device=attn.to_k.weight.device, dtype=attn.to_k.weight.dtype)[None]
-            if attn.norm_cross:
-                text = attn.norm_encoder_hidden_states(text)
-            key = attn.to_k(text)[0].float().cpu()  # (77, heads * head_dim)
-            keys[name] = key.reshape(key.shape[0], attn.heads, -1).transpose(0, 1)
-        return keys
-
-    # -- self-attention -------------------------------------------------------------------------
 
     def self_attention_map(self, x: float, y: float, image: int = 0, steps=None, sites=None) -> HeatMap:
         """Where the image attends from pixel (x, y) (x right, y down, image coordinates).
@@ -865,7 +609,7 @@ class AttributionRun:
             density = row.reshape(grid_height, grid_width) / row.sum() * (grid_height * grid_width) / (height * width)
             sums[name] = density * site.heads
             terms += site.heads
-        values = _upsample_and_add(sums, self.image_size) / terms
+        values = upsample_and_add(sums, self.image_size) / terms
         values = values.clamp(min=0)
         values = values / values.sum()
         chosen = {"steps": self._steps_list(step_index), "sites": names, "heads": None}
@@ -891,7 +635,7 @@ class AttributionRun:
                 # number of steps is the same for every layer, so it cancels).
                 sums[name] = maps[0, 0] * site.heads
                 terms += site.heads
-        values = (_upsample_and_add(sums, self.image_size) / terms).clamp(min=0)
+        values = (upsample_and_add(sums, self.image_size) / terms).clamp(min=0)
         heads_chosen = None if heads is None else tuple(_as_int_list(heads, "heads"))
         return values, {"steps": self._steps_list(step_index), "sites": names, "heads": heads_chosen}
 
@@ -983,24 +727,15 @@ class AttributionRun:
 
     # -- saving and loading ---------------------------------------------------------------------
 
-    def save(self, path: str | Path) -> Path:
-        """Write the run to a folder: run.json (metadata) and maps.safetensors (tensors). No pickle."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+    def to_record(self):
+        """For Result.save: run.json holds the metadata, maps.safetensors the tensors. No pickle."""
         tensors = {}
         for prefix, maps in (("cross", self.cross_attention), ("self", self.self_attention), ("queries", self.queries)):
             for name, tensor in maps.items():
-                tensors[f"{prefix}/{name}"] = tensor.contiguous()
-        if self.image_arrays is not None:
-            tensors["images"] = torch.from_numpy(np.ascontiguousarray(self.image_arrays))
+                tensors[f"{prefix}/{name}"] = tensor
         if self.x0_images is not None:
             tensors["x0"] = torch.from_numpy(np.ascontiguousarray(self.x0_images))
-        save_file(tensors, str(path / "maps.safetensors"))
         metadata = {
-            "format": RUN_FORMAT,
-            "version": RUN_FORMAT_VERSION,
             "prompts": self.prompts,
             "timesteps": self.timesteps,
             "latent_size": list(self.latent_size),
@@ -1011,25 +746,21 @@ class AttributionRun:
             "order": {"cross": list(self.cross_attention), "self": list(self.self_attention), "queries": list(self.queries)},
             "settings": self.settings,
         }
-        (path / "run.json").write_text(json.dumps(metadata, indent=1))
-        return path
+        return metadata, tensors
 
     @classmethod
-    def load(cls, path: str | Path, pipe=None, tokenizer=None) -> "AttributionRun":
+    def load(cls, path, pipe=None, tokenizer=None) -> "AttributionRun":
         """Read a run written by save(). pipe: needed only for open_vocab_map; tokenizer: default CLIP's."""
-        from safetensors.torch import load_file
+        return super().load(path, pipe=pipe, tokenizer=tokenizer)
 
-        path = Path(path)
-        metadata = json.loads((path / "run.json").read_text())
-        if metadata.get("format") != RUN_FORMAT or metadata.get("version") != RUN_FORMAT_VERSION:
-            raise ValueError(f"{path} is not an sdlab attribution run (version {RUN_FORMAT_VERSION})")
-        tensors = load_file(str(path / "maps.safetensors"))
+    @classmethod
+    def from_record(cls, metadata, tensors, images, pipe=None, tokenizer=None) -> "AttributionRun":
         sites = {}
         for record in metadata["sites"]:
             record = dict(record, attention_size=tuple(record["attention_size"]), grid=tuple(record["grid"]))
             sites[record["name"]] = TracedSite(**record)
         order = metadata["order"]
-        return cls(
+        run = cls(
             prompts=metadata["prompts"],
             sites=sites,
             timesteps=metadata["timesteps"],
@@ -1039,12 +770,14 @@ class AttributionRun:
             cross_attention={name: tensors[f"cross/{name}"] for name in order["cross"]},
             self_attention={name: tensors[f"self/{name}"] for name in order["self"]},
             queries={name: tensors[f"queries/{name}"] for name in order["queries"]},
-            images=tensors["images"].numpy() if "images" in tensors else None,
+            images=images,
             x0_images=tensors["x0"].numpy() if "x0" in tensors else None,
             settings=metadata["settings"],
             tokenizer=tokenizer if tokenizer is not None else getattr(pipe, "tokenizer", None),
             pipe=pipe,
         )
+        run._check_consistency()
+        return run
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1074,7 +807,7 @@ def _select_traced(pool: list[TracedSite], selector, kind: str, latent_size: tup
             return [lab_selector(each) for each in part]
         if isinstance(part, TracedSite):
             return part.name
-        return "attention" if isinstance(part, str) and part == "all" else part
+        return hooks.kind("attention") if isinstance(part, str) and part == "all" else part
 
     if selector is None:
         return [site.name for site in pool]
@@ -1097,20 +830,6 @@ def _as_int_list(value, argument: str) -> list[int]:
         raise TypeError(f"{argument} must be an int, a range or a list of ints, got {value!r}")
     return [int(v) for v in values]
 
-
-def _upsample_and_add(low_resolution: dict[str, torch.Tensor], image_size: tuple[int, int]) -> torch.Tensor:
-    """Sum of the maps, each upsampled bicubically to the image size (the paper's F-up).
-
-    Interpolation is linear, so the maps of one grid size are added first and upsampled once.
-    """
-    by_grid: dict[tuple[int, int], torch.Tensor] = {}
-    for grid_map in low_resolution.values():
-        size = tuple(grid_map.shape)
-        by_grid[size] = by_grid[size] + grid_map if size in by_grid else grid_map.clone()
-    total = torch.zeros(image_size, dtype=torch.float32)
-    for grid_map in by_grid.values():
-        total += F.interpolate(grid_map[None, None].float(), size=tuple(image_size), mode="bicubic", align_corners=False)[0, 0]
-    return total
 
 
 # ----------------------------------------------------------------------------------------------

@@ -341,7 +341,7 @@ def test_token_optimisation_fits_the_mask_and_leaves_the_model_alone(run, sd1, t
     assert iou(fitted.mask(), target) > iou(plain.mask(), target) + 0.2
     assert fitted.word == "horse" and fitted.prompt == PROMPT
     # Only the word's rows of the embedding moved; the model has no gradients and the same weights.
-    original = run._text_embedding(sd1, PROMPT)
+    original = lab.ovam.text_embedding(run, sd1, PROMPT)
     moved = (token.embedding - original).abs().sum(dim=-1) > 0
     assert moved.nonzero().flatten().tolist() == list(token.tokens)
     assert all(p.grad is None for p in sd1.unet.parameters())
