@@ -1,23 +1,32 @@
-"""widgets.AttributionExplorer, kernel side: what it sends the browser, and that it follows the controls.
+"""widgets.AttributionExplorer, kernel side: what it sends the browser, and that it follows the controls;
+and widgets.base, what every sdlab widget shares (on a minimal widget of its own, at the end).
 
 The browser side (drawing, timing in a real page) is tests/test_browser.py. Here the widget wraps real
 lab.daam runs of the tiny random SD-1 pipeline (lab.testing), so no trained model is needed.
 """
 
+import base64
 import io
+import json
 import re
+import shutil
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
+import traitlets
 from PIL import Image
 
 import lab
 import lab.pipelines
 import widgets
 from widgets.attribution import COLORMAPS, STATIC
+from widgets.base import (LabWidget, Unanswerable, colormap_table, colormap_tables, css, esm, heat_bytes,
+                          png_bytes)
 
 PROMPT = "a red circle left of a blue square"
 STEPS = 3
@@ -216,10 +225,267 @@ def test_snapshot_and_static_html(explorer):
 
 
 def test_front_end_is_shipped_and_fetches_nothing():
-    script = (STATIC / "attribution.js").read_text()
-    assert (STATIC / "attribution.css").is_file()
-    assert re.search(r"^\s*import\s", script, re.MULTILINE) is None, "the front end must not import modules"
-    network = re.search(r"https?://|fetch\(|XMLHttpRequest|WebSocket", script)
-    assert network is None, "the front end must not use the network"
+    for name in ["base.js", "attribution.js"]:
+        script = (STATIC / name).read_text()
+        assert re.search(r"^\s*import\s", script, re.MULTILINE) is None, f"{name} must not import modules"
+        network = re.search(r"https?://|fetch\(|XMLHttpRequest|WebSocket", script)
+        assert network is None, f"{name} must not use the network"
+    assert (STATIC / "attribution.css").is_file() and (STATIC / "base.css").is_file()
+    # One module: base.js's helpers, then the explorer's code that uses them.
+    module = widgets.AttributionExplorer._esm
+    assert module.index("function requester(") < module.index("function render(")
+    assert module.rstrip().endswith("export default { render };")
+    assert widgets.AttributionExplorer._css.index(".sdlab-widget {") < widgets.AttributionExplorer._css.index(".sx-chips")
     pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
     assert re.search(r'^widgets = \[.*"static/\*".*\]', pyproject, re.MULTILINE), "widgets/static must be package data"
+
+
+NODE = shutil.which("node")
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed (used only to parse and run the front end)")
+def test_composed_front_end_parses(tmp_path):
+    """A helper redefined by a widget would be a SyntaxError in the browser: node parses the module as one."""
+    module = tmp_path / "attribution.mjs"
+    module.write_text(widgets.AttributionExplorer._esm)
+    subprocess.run([NODE, "--check", str(module)], check=True, capture_output=True, timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# widgets.base: what every widget shares, on a minimal widget
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Doubler(LabWidget):
+    """result = 2 * value + offset, answered like a heat map; job() is a long kernel job."""
+
+    _esm = "export default { render({ el }) { el.textContent = 'doubler'; } };"
+    requested_traits = ("value", "offset")
+    value = traitlets.Int(0).tag(sync=True)
+    offset = traitlets.Int(0).tag(sync=True)
+    result = traitlets.Int(0).tag(sync=True)
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.computed = []  # the (value, offset) of every answer computed
+        self.on_event("double", lambda content: self.job(content["times"]), failure="job failed")
+
+    def answer_request(self):
+        if self.value < 0:
+            raise Unanswerable("negative values are not doubled")
+        if self.value == 13:
+            raise ValueError("unlucky")
+        self.computed.append((self.value, self.offset))
+        self.result = 2 * self.value + self.offset
+
+    def job(self, times, fail_at=None):
+        with self.working("counting…", failure="job failed") as progress:
+            for i in progress.track(range(times)):
+                if i == fail_at:
+                    raise RuntimeError("broke")
+        return times
+
+    def static_picture(self):
+        return Image.new("RGB", (4, 2), (255, 0, 0)) if self.result else None
+
+    def static_caption(self):
+        return f"2 × {self.value} + {self.offset} = {self.result} <b>"
+
+
+def recorder(widget, *names):
+    seen = {name: [] for name in names}
+    for name in names:
+        widget.observe(lambda change: seen[change["name"]].append(change["new"]), name)
+    return seen
+
+
+def test_base_job_shows_progress_and_clears_busy():
+    doubler = Doubler()
+    seen = recorder(doubler, "busy", "progress", "progress_text")
+    assert doubler.job(4) == 4
+    assert seen["busy"] == [True, False]
+    assert seen["progress"] == pytest.approx([0.25, 0.5, 0.75, 1.0, 0.0])
+    assert seen["progress_text"] == ["counting…", "step 1 / 4", "step 2 / 4", "step 3 / 4", "step 4 / 4", ""]
+    assert doubler.message == ""
+
+
+def test_base_job_failure_clears_busy_and_says_why():
+    doubler = Doubler()
+    with pytest.raises(RuntimeError, match="broke"):  # from Python, the error is raised as well as shown
+        doubler.job(4, fail_at=1)
+    assert not doubler.busy and doubler.progress == 0.0 and doubler.progress_text == ""
+    assert (doubler.message, doubler.message_level) == ("job failed: RuntimeError: broke", "error")
+    doubler.job(2)
+    assert doubler.message == ""  # the next job starts with a clean slate
+
+
+def test_base_progress_is_a_step_callback():
+    doubler = Doubler()
+    with doubler.working() as progress:
+        progress(3, 12)  # lab.daam.trace_generation(callback=progress) calls fn(steps_done, total_steps)
+        assert (doubler.busy, doubler.progress, doubler.progress_text) == (True, 0.25, "step 3 / 12")
+        progress.update(3)
+        assert doubler.progress == 0.5
+        progress(7, None, text="decoding")
+        assert doubler.progress_text == "decoding"
+    unknown = Doubler()
+    with unknown.working() as progress:
+        list(progress.track(iter("abc")))  # no length: the bar stays empty, the text counts
+        assert (unknown.progress, unknown.progress_text) == (0.0, "step 3")
+
+
+def test_base_browser_events():
+    doubler = Doubler()
+    seen = recorder(doubler, "busy")
+    doubler._on_browser_message(doubler, {"event": "double", "times": 2}, [])
+    assert seen["busy"] == [True, False]
+    doubler._on_browser_message(doubler, {"event": "unknown"}, [])  # ignored
+    doubler.busy = True  # a job is running: a second click does not queue a second one
+    doubler._on_browser_message(doubler, {"event": "double", "times": 2}, [])
+    assert seen["busy"] == [True, False, True]
+    doubler.busy = False
+    doubler._on_browser_message(doubler, {"event": "double"}, [])  # a failing handler: shown, not raised
+    assert doubler.message == "job failed: KeyError: 'times'" and not doubler.busy
+
+
+def test_base_throttle_answers_the_latest_values_once_then_echoes():
+    doubler = Doubler()
+    at_echo = []
+    doubler.observe(lambda change: at_echo.append((change["new"], doubler.result)), "answered_request")
+    # One browser message: several controls and the request number, set together (as ipywidgets does).
+    with doubler.hold_trait_notifications():
+        doubler.value, doubler.offset, doubler.request = 3, 1, 1
+    assert doubler.computed == [(3, 1)] and doubler.result == 7
+    assert at_echo == [(1, 7)]  # echoed after the answer was set: the browser may send its next request
+    # The request number first, then the values: still answered once, from the final values.
+    with doubler.hold_trait_notifications():
+        doubler.request = 2
+        doubler.value, doubler.offset = 5, 0
+    assert doubler.computed == [(3, 1), (5, 0)] and at_echo[-1] == (2, 10)
+    # Asked again for what is on display: nothing recomputed, the request still answered.
+    doubler.request = 3
+    assert doubler.computed == [(3, 1), (5, 0)] and doubler.answered_request == 3
+    # From Python, without a request number: answered as well.
+    doubler.value = 6
+    assert doubler.result == 12 and doubler.answered_request == 3
+
+
+def test_base_unanswerable_and_failing_requests_are_shown_not_raised():
+    doubler = Doubler(value=1)
+    doubler.value = -1
+    assert (doubler.message, doubler.result) == ("negative values are not doubled", 0)
+    doubler.value = 13
+    assert doubler.message == "ValueError: unlucky"
+    doubler.value = 2
+    assert (doubler.message, doubler.result) == ("", 4)
+
+
+def test_base_quietly_moves_controls_without_answers():
+    doubler = Doubler()
+    with doubler.quietly():
+        doubler.value, doubler.offset = 4, 1
+    assert doubler.computed == []
+    doubler.refresh()
+    assert doubler.computed == [(4, 1)] and doubler.result == 9
+    doubler.refresh()
+    assert doubler.computed == [(4, 1)]  # on display already
+    doubler.refresh(force=True)
+    assert doubler.computed == [(4, 1), (4, 1)]
+
+
+def test_base_png_bytes_caps_the_size():
+    big = Image.new("RGBA", (1000, 500), (10, 20, 30, 40))
+    picture = Image.open(io.BytesIO(png_bytes(big)))
+    assert picture.size == (512, 256) and picture.mode == "RGB"
+    assert Image.open(io.BytesIO(png_bytes(big, max_size=100))).size == (100, 50)
+    small = Image.new("RGB", (64, 48), (1, 2, 3))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png_bytes(small)))), np.asarray(small))
+
+
+def test_base_colormap_tables_and_heat_bytes():
+    assert set(colormap_tables()) == set(COLORMAPS) and colormap_tables(["gray"]) == {"gray": colormap_table("gray")}
+    gray = np.frombuffer(colormap_table("gray"), dtype=np.uint8).reshape(256, 3)
+    assert np.array_equal(gray, np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1))
+    jet = np.frombuffer(colormap_table("jet"), dtype=np.uint8).reshape(256, 3)
+    expected = np.round(matplotlib.colormaps["jet"](np.linspace(0, 1, 256))[:, :3] * 255)
+    assert np.abs(jet.astype(int) - expected).max() <= 1
+    heat = np.array([[0.0, 0.5], [1.0, 0.25]], dtype=np.float32)
+    assert heat_bytes(heat, (2, 2)) == bytes([0, 128, 255, 64])
+    assert len(heat_bytes(heat, (8, 4))) == 32  # resized to the picture it goes with (width, height)
+
+
+def test_base_static_copy_for_exported_notebooks():
+    doubler = Doubler()
+    data = doubler._repr_mimebundle_()
+    data = data[0] if isinstance(data, tuple) else data
+    assert "text/html" not in data  # no picture yet (static_picture() is None): the live widget only
+    doubler.value = 2
+    data, _ = doubler._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in data
+    figure = data["text/html"]
+    assert figure.startswith('<figure class="sdlab-widget-static"') and "width:4px" in figure
+    assert "2 × 2 + 0 = 4 &lt;b&gt;" in figure and "run the notebook in JupyterLab" in figure
+    png = base64.b64decode(re.search(r"base64,([^\"]+)", figure).group(1))
+    assert Image.open(io.BytesIO(png)).size == (4, 2)
+
+
+def test_base_module_composition():
+    module = esm("attribution.js")
+    base_js = (STATIC / "base.js").read_text()
+    assert module.index(base_js) < module.index((STATIC / "attribution.js").read_text())
+    assert css("attribution.css").startswith("/* ---- widgets/static/base.css */")
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed (used only to run base.js's helpers)")
+def test_base_js_throttle_and_pixels(tmp_path):
+    """base.js in node: the requester keeps one request in flight (latest wins), and the colormap and mask
+    arithmetic is the one AttributionExplorer.snapshot() uses in Python."""
+    script = tmp_path / "check.mjs"
+    script.write_text((STATIC / "base.js").read_text() + """
+globalThis.ImageData = class { constructor(w, h) { this.width = w; this.height = h; this.data = new Uint8ClampedArray(w * h * 4); } };
+const state = { request: 0, answered_request: 0, head: -1, word: "" };
+const listeners = {};
+const sent = [];
+const model = {
+  get: (key) => state[key],
+  set: (key, value) => { state[key] = value; },
+  save_changes: () => sent.push({ head: state.head, word: state.word, request: state.request }),
+  on: (events, fn) => { for (const e of events.split(" ")) (listeners[e] ??= []).push(fn); },
+  off: (events, fn) => { for (const e of events.split(" ")) listeners[e] = listeners[e].filter((f) => f !== fn); },
+};
+const answer = () => { state.answered_request = state.request; for (const fn of listeners["change:answered_request"] ?? []) fn(); };
+const view = connect(model);
+const heatMaps = requester(view);
+heatMaps.ask({ head: 1 });                // sent at once
+heatMaps.ask({ head: 2 });                // one is in flight: waits
+heatMaps.ask({ head: 3, word: "cat" });   // merged: the latest position wins
+const whileInFlight = sent.length;
+const started = heatMaps.takeStart();
+answer();                                 // request 1 answered: the queued one goes
+answer();                                 // request 2 answered: nothing left
+view.dispose();
+const table = new Uint8Array(768).map((_, i) => (i % 3 === 0 ? i / 3 : i % 3 === 1 ? 255 - (i - 1) / 3 : 7));
+const heat = new Uint8Array([0, 200]);
+const base = new Uint8ClampedArray([100, 60, 20, 255, 0, 40, 80, 255]);
+console.log(JSON.stringify({
+  whileInFlight, sent, timed: typeof started === "number", left: Object.keys(listeners).map((e) => listeners[e].length),
+  overlay: Array.from(applyColormap(heat, 2, table, { base, opacity: 0.35 }).data),
+  colors: Array.from(applyColormap(heat, 1, table).data),
+  mask: Array.from(maskImage(heat, 2, 0.5).data),
+  dimmed: Array.from(maskImage(heat, 2, 0.5, { base }).data),
+}));
+""")
+    result = json.loads(subprocess.run([NODE, str(script)], check=True, capture_output=True, text=True,
+                                       timeout=60).stdout)
+    assert result["whileInFlight"] == 1 and result["timed"] and result["left"] == [0]
+    assert result["sent"] == [{"head": 1, "word": "", "request": 1}, {"head": 3, "word": "cat", "request": 2}]
+    # The snapshot's arithmetic (AttributionExplorer.snapshot) on the same pixels.
+    table = np.array([[i, 255 - i, 7] for i in range(256)], dtype=np.float32)
+    base_rgb = np.array([[100, 60, 20], [0, 40, 80]], dtype=np.float32)
+    heat = np.array([0, 200])
+    overlay = np.clip(0.65 * base_rgb + 0.35 * table[heat] + 0.5, 0, 255).astype(np.uint8)
+    assert np.array_equal(np.array(result["overlay"]).reshape(2, 4)[:, :3], overlay)
+    assert result["colors"] == [0, 255, 7, 255, 200, 55, 7, 255]
+    assert result["mask"] == [0, 0, 0, 255, 255, 255, 255, 255]
+    dimmed = np.clip(np.where((heat / 255.0 > 0.5)[:, None], base_rgb, base_rgb * 0.25) + 0.5, 0, 255).astype(np.uint8)
+    assert np.array_equal(np.array(result["dimmed"]).reshape(2, 4)[:, :3], dimmed)

@@ -2,6 +2,9 @@
 
     import widgets
     widgets.AttributionExplorer()        # embedded TinyWorld model, a default prompt: DAAM heat maps to explore
+
+What they share (busy/progress/message, the request throttle, encoders, static copies, the JS helpers of
+static/base.js) is widgets.base.LabWidget: see docs/jupyter.md, "writing a widget".
 """
 
 from widgets.attribution import AttributionExplorer

@@ -14,29 +14,24 @@ runs the model again:
     it to the browser as one byte per pixel;
   - opacity, colormap, threshold, mask, trajectory scrubber: the browser redraws on its own, without a round
     trip to the kernel (the colormaps' lookup tables and the x̂0 frames were sent once, with the run).
-The front end is plain JavaScript shipped in this package (widgets/static/attribution.js): no network.
+The front end is plain JavaScript shipped in this package (widgets/static/attribution.js, on the helpers of
+widgets/static/base.js): no network. What all sdlab widgets share (busy/progress/message, the one-request-
+in-flight throttle, encoders, the static copy) is widgets.base.LabWidget.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import io
-from pathlib import Path
 
-import anywidget
-import matplotlib
 import numpy as np
 import traitlets
 from PIL import Image
 
-STATIC = Path(__file__).resolve().parent / "static"
+from widgets.base import COLORMAPS, MAX_SENT_SIZE, LabWidget, Unanswerable, as_numpy, colormap_tables, css, esm
+from widgets.base import STATIC  # noqa: F401  (where the front end's files are; kept importable from here)
+from widgets.base import heat_bytes, png_bytes
 
 DEFAULT_PROMPT = "a red circle left of a blue square"
-COLORMAPS = ("jet", "turbo", "viridis", "inferno", "gray")
-# Images larger than this are downsampled before they are sent: the widget shows them at ~320 px anyway,
-# and a full SDXL heat map would be 1 MB per redraw.
-MAX_SENT_SIZE = 512
 MAX_TRAJECTORY_FRAME_SIZE = 256
 # Words that rarely carry a map worth looking at first; the explorer opens on the prompt's first other word.
 FUNCTION_WORDS = frozenset(
@@ -45,37 +40,6 @@ FUNCTION_WORDS = frozenset(
 )
 
 __all__ = ["AttributionExplorer", "COLORMAPS", "DEFAULT_PROMPT"]
-
-
-def _png(image: Image.Image, max_size: int) -> bytes:
-    image = image.convert("RGB")
-    if max(image.size) > max_size:
-        image = image.copy()
-        image.thumbnail((max_size, max_size), Image.LANCZOS)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _colormap_table(name: str) -> bytes:
-    """256 RGB entries of a matplotlib colormap, the same colours HeatMap.overlay uses."""
-    rgba = matplotlib.colormaps[name](np.linspace(0.0, 1.0, 256))
-    return (rgba[:, :3] * 255 + 0.5).astype(np.uint8).tobytes()
-
-
-def _as_numpy(values) -> np.ndarray:
-    """HeatMap values may be a torch tensor or a numpy array."""
-    if hasattr(values, "detach"):
-        values = values.detach().cpu().numpy()
-    return np.asarray(values, dtype=np.float32)
-
-
-def _heat_bytes(normalized: np.ndarray, size: tuple[int, int]) -> bytes:
-    """One byte per pixel (0..255 for 0..1), resized to the (width, height) of the image sent with it."""
-    heat = np.clip(normalized * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    if heat.shape[::-1] != size:
-        heat = np.asarray(Image.fromarray(heat).resize(size, Image.BILINEAR))
-    return heat.tobytes()
 
 
 def _trajectory(run, image: int) -> list[Image.Image]:
@@ -90,7 +54,7 @@ def _first_content_word(words: list[str]) -> str:
     return next((word for word in words if word.lower() not in FUNCTION_WORDS), words[0] if words else "")
 
 
-class AttributionExplorer(anywidget.AnyWidget):
+class AttributionExplorer(LabWidget):
     """Heat maps of which image regions attend to which prompt word, with every slice one control away.
 
     AttributionExplorer(pipe=None, run=None, prompt=None, *, seed=0, num_inference_steps=20, guidance_scale=5.0)
@@ -98,10 +62,17 @@ class AttributionExplorer(anywidget.AnyWidget):
     - run given: explore it (a `lab.daam.trace_generation` result); pass pipe too to enable "generate".
     - pipe given, no run: generate `prompt` (default: a TinyWorld prompt) right away.
     - neither: load the embedded TinyWorld model and generate.
+
+    busy / progress / progress_text / message and the request throttle (request, answered_request) come
+    from widgets.base.LabWidget.
     """
 
-    _esm = STATIC / "attribution.js"
-    _css = STATIC / "attribution.css"
+    _esm = esm("attribution.js")
+    _css = css("attribution.css")
+    static_css_class = "sdlab-explorer-static"
+    static_note = "Static copy of the attribution explorer: run the notebook in JupyterLab to explore."
+    # The controls whose change asks the kernel for a new heat map (the browser sends them with a request).
+    requested_traits = ("word", "occurrence", "step_start", "step_stop", "site_group", "head")
 
     # -- what the browser draws (set by Python) ---------------------------------------------------------
     image_png = traitlets.Bytes(b"").tag(sync=True)
@@ -118,14 +89,6 @@ class AttributionExplorer(anywidget.AnyWidget):
     can_slice = traitlets.Bool(True).tag(sync=True)  # False for runs traced without per_step (running means)
     site_group_names = traitlets.List(traitlets.Unicode()).tag(sync=True)
     can_generate = traitlets.Bool(False).tag(sync=True)
-    busy = traitlets.Bool(False).tag(sync=True)
-    progress = traitlets.Float(0.0).tag(sync=True)  # 0..1 while generating
-    progress_text = traitlets.Unicode("").tag(sync=True)
-    message = traitlets.Unicode("").tag(sync=True)  # why the last request failed ("" when it did not)
-    # The browser numbers its requests; Python echoes the number it has answered, so the browser can keep
-    # one request in flight while a slider is dragged instead of queueing one per pixel moved.
-    request = traitlets.Int(0).tag(sync=True)
-    answered_request = traitlets.Int(0).tag(sync=True)
 
     # -- what the controls choose (either side may set them) ---------------------------------------------
     image_index = traitlets.Int(0).tag(sync=True)
@@ -154,11 +117,9 @@ class AttributionExplorer(anywidget.AnyWidget):
     def __init__(self, pipe=None, run=None, prompt: str | None = None, *, seed: int = 0,
                  num_inference_steps: int = 20, guidance_scale: float = 5.0, **kwargs):
         super().__init__(seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                         colormap_tables={name: _colormap_table(name) for name in COLORMAPS}, **kwargs)
+                         colormap_tables=colormap_tables(COLORMAPS), **kwargs)
         self.pipe = pipe
-        self._shown_selection = None  # the heat map on display, to skip recomputing the same one
-        self._switching_run = False  # while a new run or image is being set up, controls move without redraws
-        self.on_msg(self._on_browser_message)
+        self.on_event("generate", lambda content: self.generate(), failure="generation failed")
         if run is not None:
             # "Generate" starts from the run's own settings (lab.daam runs record them in run.settings).
             settings = getattr(run, "settings", {}) or {}
@@ -190,22 +151,13 @@ class AttributionExplorer(anywidget.AnyWidget):
             self.seed = self.seed if seed is None else seed
             self.num_inference_steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
             self.guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
-            self.busy, self.progress, self.progress_text, self.message = True, 0.0, "starting…", ""
-
-        def report(step: int, total: int) -> None:
-            self.progress = step / max(total, 1)
-            self.progress_text = f"step {step} / {total}"
-
-        try:
+        with self.working("starting…", failure="generation failed") as progress:
             # per_step=True keeps every step, layer and head (what the sliders slice), the x̂0 trajectory
-            # and the queries that open-vocabulary maps need.
+            # and the queries that open-vocabulary maps need. progress(step, total) after every step.
             run = daam.trace_generation(
                 self.pipe, self.prompt, seed=self.seed, num_inference_steps=self.num_inference_steps,
-                guidance_scale=self.guidance_scale, per_step=True, callback=report)
+                guidance_scale=self.guidance_scale, per_step=True, callback=progress)
             self.run = run
-        finally:
-            with self.hold_sync():
-                self.busy, self.progress, self.progress_text = False, 0.0, ""
         return run
 
     def heat_map(self):
@@ -250,46 +202,39 @@ class AttributionExplorer(anywidget.AnyWidget):
         run = change["new"]
         if run is None:
             return
-        self._switching_run = True
-        try:
-            with self.hold_sync():
-                self.num_images = len(run.prompts)
-                self.num_steps = run.num_steps
-                self.can_slice = getattr(run, "per_step", True)
-                self.site_group_names = list(run.site_groups)
-                # Keep the user's slices where the new run allows them (e.g. after changing only the seed).
-                if self.site_group not in run.site_groups:
-                    self.site_group = "all" if "all" in run.site_groups else next(iter(run.site_groups))
-                self._count_heads()
-                self.step_start, self.step_stop = 0, run.num_steps
-                self.trajectory_step = run.num_steps - 1
-                if self.image_index >= len(run.images):
-                    self.image_index = 0
-                self._show_image()
-        finally:
-            self._switching_run = False
-        self._refresh_heat_map(force=True)
+        with self.quietly(), self.hold_sync():  # controls move to fit the run, without a redraw each
+            self.num_images = len(run.prompts)
+            self.num_steps = run.num_steps
+            self.can_slice = getattr(run, "per_step", True)
+            self.site_group_names = list(run.site_groups)
+            # Keep the user's slices where the new run allows them (e.g. after changing only the seed).
+            if self.site_group not in run.site_groups:
+                self.site_group = "all" if "all" in run.site_groups else next(iter(run.site_groups))
+            self._count_heads()
+            self.step_start, self.step_stop = 0, run.num_steps
+            self.trajectory_step = run.num_steps - 1
+            if self.image_index >= len(run.images):
+                self.image_index = 0
+            self._show_image()
+        self.refresh(force=True)
 
     @traitlets.observe("image_index")
     def _on_image_index(self, change) -> None:
-        if self.run is None or self._switching_run:
+        if self.run is None or self._quiet:
             return
-        self._switching_run = True
-        try:
+        with self.quietly():
             self._show_image()
-        finally:
-            self._switching_run = False
-        self._refresh_heat_map(force=True)
+        self.refresh(force=True)
 
     def _show_image(self) -> None:
         """Send the picture, prompt words and x̂0 frames of the selected image (the heat map follows)."""
         run, image = self.run, self.image_index
         words = run.words(image)
         with self.hold_sync():
-            self.image_png = _png(run.images[image], MAX_SENT_SIZE)
+            self.image_png = png_bytes(run.images[image], MAX_SENT_SIZE)
             self.image_size = list(Image.open(io.BytesIO(self.image_png)).size)
             self.image_prompt = run.prompts[image]
-            self.trajectory_pngs = [_png(frame, MAX_TRAJECTORY_FRAME_SIZE) for frame in _trajectory(run, image)]
+            self.trajectory_pngs = [png_bytes(frame, MAX_TRAJECTORY_FRAME_SIZE) for frame in _trajectory(run, image)]
             self.words = words
             if self.word not in words or self.occurrence >= words.count(self.word):
                 self.word, self.occurrence = _first_content_word(words), -1
@@ -302,13 +247,11 @@ class AttributionExplorer(anywidget.AnyWidget):
         if self.head >= self.num_heads:
             self.head = -1
 
-    @traitlets.observe("word", "occurrence", "step_start", "step_stop", "site_group", "head", "request")
-    def _on_selection(self, change) -> None:
-        if self.run is not None and not self._switching_run:
-            if change["name"] == "site_group":
-                self._count_heads()
-            self._refresh_heat_map()
-        self.answered_request = self.request
+    @traitlets.observe("site_group")
+    def _on_site_group(self, change) -> None:
+        # Runs before LabWidget's request observer (see LabWidget.__init__): the head is clamped first.
+        if self.run is not None and not self._quiet:
+            self._count_heads()
 
     @traitlets.validate("step_start", "step_stop")
     def _clamp_steps(self, proposal):
@@ -318,29 +261,22 @@ class AttributionExplorer(anywidget.AnyWidget):
     def _clamp_head(self, proposal):
         return min(max(proposal["value"], -1), self.num_heads - 1) if self.num_heads else proposal["value"]
 
-    def _refresh_heat_map(self, force: bool = False) -> None:
-        """Compute and send the heat map of the current selection, unless it is the one on display.
+    # -- answering the browser's requests (LabWidget.refresh calls these) ------------------------------
 
-        Several controls may change in one message from the browser; traitlets then calls the observer once
-        per trait, all after every value is set, so the first call does the work and the others find it done.
-        """
-        selection = (self.image_index, self.word, self.occurrence, self.step_start, self.step_stop,
-                     self.site_group, self.head)
-        if (selection == self._shown_selection and not force) or not self.word:
-            return
+    def requested_state(self):
+        """The heat map on display, as the selection that made it (None: nothing to show yet)."""
+        if self.run is None or not self.word:
+            return None
+        return (self.image_index, self.word, self.occurrence, self.step_start, self.step_stop,
+                self.site_group, self.head)
+
+    def answer_request(self) -> None:
+        """Compute and send the heat map of the current selection."""
         if self.step_stop <= self.step_start:
-            self.message = "the step range is empty: move the end handle past the start"
-            return
-        try:
-            heat_map = self.heat_map()
-        except Exception as error:  # a word the tokenizer cannot place, an unknown group...: say so in the widget
-            self.message = f"{type(error).__name__}: {error}"
-            return
-        with self.hold_sync():
-            self.heat = _heat_bytes(_as_numpy(heat_map.normalized()), tuple(self.image_size))
-            self.heat_label = self._describe_selection()
-            self.message = ""
-        self._shown_selection = selection
+            raise Unanswerable("the step range is empty: move the end handle past the start")
+        heat_map = self.heat_map()
+        self.heat = heat_bytes(as_numpy(heat_map.normalized()), tuple(self.image_size))
+        self.heat_label = self._describe_selection()
 
     def _describe_selection(self) -> str:
         run = self.run
@@ -354,32 +290,10 @@ class AttributionExplorer(anywidget.AnyWidget):
         heads = "all heads" if self.head < 0 else f"head {self.head}"
         return " · ".join([word, steps, sites, heads])
 
-    def _on_browser_message(self, widget, content, buffers) -> None:
-        if content.get("event") == "generate" and not self.busy:
-            try:
-                self.generate()
-            except Exception as error:
-                self.message = f"generation failed: {type(error).__name__}: {error}"
-
     # -- static copy for exported notebooks (nbconvert HTML, GitHub): a picture of the explorer ---------
 
-    def _repr_mimebundle_(self, **kwargs):
-        bundle = super()._repr_mimebundle_(**kwargs)
-        if bundle is None or self.run is None:
-            return bundle
-        data, metadata = bundle if isinstance(bundle, tuple) else (bundle, {})
-        data = {**data, "text/html": self._static_html()}
-        return data, metadata
+    def static_picture(self) -> Image.Image | None:
+        return self.snapshot() if self.run is not None else None
 
-    def _static_html(self) -> str:
-        buffer = io.BytesIO()
-        self.snapshot().save(buffer, format="PNG")
-        picture = base64.b64encode(buffer.getvalue()).decode()
-        caption = html.escape(f"{self.image_prompt} — {self.heat_label}")
-        return (
-            '<figure class="sdlab-explorer-static" style="margin:0">'
-            f'<img src="data:image/png;base64,{picture}" alt="{caption}" '
-            f'style="image-rendering:pixelated;width:{self.display_size}px">'
-            f'<figcaption style="font-size:12px">{caption}<br><em>Static copy of the attribution explorer: '
-            "run the notebook in JupyterLab to explore.</em></figcaption></figure>"
-        )
+    def static_caption(self) -> str:
+        return f"{self.image_prompt} — {self.heat_label}"

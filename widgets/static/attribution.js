@@ -1,4 +1,6 @@
-// Front end of widgets.AttributionExplorer (an anywidget ES module). No dependencies, no network.
+// Front end of widgets.AttributionExplorer. No dependencies, no network. It follows widgets/static/base.js
+// in one ES module (widgets.base.esm): h, slider, labelled, connect, requester, decodePng, applyColormap,
+// maskImage, showStatus, redrawTimer... are base.js's helpers.
 //
 // Python sends the picture (PNG), the heat map of the current selection (one byte per pixel), the colormap
 // lookup tables and the x̂0 frames. The browser composites the overlay and the mask itself, so opacity,
@@ -9,42 +11,9 @@
 // data-redraw-count): from the control's input event to the canvas holding the new pixels. The browser
 // test reads them, and the status line shows them.
 
-function h(tag, props = {}, ...children) {
-  const element = document.createElement(tag);
-  for (const [key, value] of Object.entries(props)) {
-    if (key === "class") element.className = value;
-    else if (key === "style") element.style.cssText = value;
-    else if (key.startsWith("on")) element.addEventListener(key.slice(2), value);
-    else element.setAttribute(key, value);
-  }
-  for (const child of children.flat()) {
-    if (child !== null && child !== undefined) element.append(child);
-  }
-  return element;
-}
-
-function bytesOf(value) {
-  // Bytes traits arrive as DataView (or ArrayBuffer); view them as bytes without copying.
-  if (!value) return new Uint8Array(0);
-  if (value instanceof DataView) return new Uint8Array(value.buffer, value.byteOffset, value.byteLength);
-  if (value instanceof ArrayBuffer) return new Uint8Array(value);
-  return new Uint8Array(value.buffer ?? value);
-}
-
-function slider(min, max, step, value) {
-  return h("input", { type: "range", min: String(min), max: String(max), step: String(step), value: String(value) });
-}
-
-function labelled(text, control, readout) {
-  return h("label", { class: "sx-row" }, h("span", { class: "sx-row-name" }, text), control, readout ?? null);
-}
-
 function render({ model, el }) {
-  const cleanups = [];
-  const listen = (name, callback) => {
-    model.on(name, callback);
-    cleanups.push(() => model.off(name, callback));
-  };
+  const view = connect(model);
+  const listen = view.listen;
 
   // ---------------------------------------------------------------------------------------- layout
   const overlayCanvas = h("canvas", { class: "sx-overlay", title: "the generated image with the heat map" });
@@ -60,45 +29,35 @@ function render({ model, el }) {
     title: "a word that is not in the prompt gives an open-vocabulary map" });
   const typedButton = h("button", { class: "sx-typed-go", type: "button" }, "map");
 
-  const stepFrom = slider(0, 0, 1, 0);
-  stepFrom.classList.add("sx-step-from");
-  const stepTo = slider(0, 0, 1, 0);
-  stepTo.classList.add("sx-step-to");
+  const stepFrom = slider(0, 0, 1, 0, "sx-step-from");
+  const stepTo = slider(0, 0, 1, 0, "sx-step-to");
   const stepRange = h("div", { class: "sx-dual" }, h("div", { class: "sx-dual-track" }), stepFrom, stepTo);
-  const stepReadout = h("span", { class: "sx-readout" });
-  const groupSlider = slider(0, 0, 1, 0);
-  groupSlider.classList.add("sx-group");
-  const groupReadout = h("span", { class: "sx-readout" });
-  const headSlider = slider(-1, 0, 1, -1);
-  headSlider.classList.add("sx-head");
-  const headReadout = h("span", { class: "sx-readout" });
-  const imageSelect = h("select", { class: "sx-image" });
+  const stepReadout = readout();
+  const groupSlider = slider(0, 0, 1, 0, "sx-group");
+  const groupReadout = readout();
+  const headSlider = slider(-1, 0, 1, -1, "sx-head");
+  const headReadout = readout();
+  const imageSelect = select([], "sx-image");
   const imageRow = labelled("Image", imageSelect);
 
-  const opacitySlider = slider(0, 1, 0.05, 0.5);
-  opacitySlider.classList.add("sx-opacity");
-  const opacityReadout = h("span", { class: "sx-readout" });
-  const colormapSelect = h("select", { class: "sx-colormap" });
+  const opacitySlider = slider(0, 1, 0.05, 0.5, "sx-opacity");
+  const opacityReadout = readout();
+  const colormapSelect = select([], "sx-colormap");
 
-  const thresholdSlider = slider(0, 1, 0.01, 0.4);
-  thresholdSlider.classList.add("sx-threshold");
-  const thresholdReadout = h("span", { class: "sx-readout" });
+  const thresholdSlider = slider(0, 1, 0.01, 0.4, "sx-threshold");
+  const thresholdReadout = readout();
   const maskToggle = h("input", { type: "checkbox", class: "sx-show-mask" });
 
   const strip = h("div", { class: "sx-strip" });
-  const trajectorySlider = slider(0, 0, 1, 0);
-  trajectorySlider.classList.add("sx-trajectory-step");
-  const trajectoryReadout = h("span", { class: "sx-readout" });
+  const trajectorySlider = slider(0, 0, 1, 0, "sx-trajectory-step");
+  const trajectoryReadout = readout();
 
   const promptInput = h("input", { type: "text", class: "sx-gen-prompt", "aria-label": "prompt" });
   const seedInput = h("input", { type: "number", class: "sx-gen-seed", min: "0", step: "1", "aria-label": "seed" });
   const stepsInput = h("input", { type: "number", class: "sx-gen-steps", min: "1", max: "200", step: "1", "aria-label": "steps" });
   const guidanceInput = h("input", { type: "number", class: "sx-gen-guidance", min: "0", max: "30", step: "0.5", "aria-label": "guidance" });
   const generateButton = h("button", { type: "button", class: "sx-generate-button" }, "Generate");
-  const progressBar = h("progress", { class: "sx-progress", max: "1", value: "0" });
-  const progressText = h("span", { class: "sx-progress-text" });
   const generateHint = h("span", { class: "sx-hint" });
-  const message = h("div", { class: "sx-message", role: "alert" });
   const timing = h("span", { class: "sx-timing" });
 
   const controls = h("fieldset", { class: "sx-controls" },
@@ -119,7 +78,7 @@ function render({ model, el }) {
       labelled("Threshold", thresholdSlider, thresholdReadout),
       h("label", { class: "sx-row sx-check" }, maskToggle, h("span", {}, "show the mask on the image"))));
 
-  const root = h("div", { class: "sdlab-explorer" },
+  const root = widgetRoot("sdlab-explorer",
     h("div", { class: "sx-header" }, h("span", { class: "sx-title" }, "Attribution explorer"), promptLabel),
     h("div", { class: "sx-body" },
       h("figure", { class: "sx-main" }, overlayCanvas, heatLabel),
@@ -137,71 +96,30 @@ function render({ model, el }) {
       h("label", { class: "sx-field" }, "steps", stepsInput),
       h("label", { class: "sx-field" }, "guidance", guidanceInput),
       generateButton,
-      h("span", { class: "sx-progress-box" }, progressBar, progressText),
+      progressIndicator(),
       generateHint),
-    h("div", { class: "sx-status" }, message, timing));
-  // Keys pressed in the explorer belong to its controls. JupyterLab sees them twice otherwise: its shortcuts
-  // (command mode: "a" inserts a cell; the attribute opts out) and the notebook's own handler, which takes
-  // the arrow keys for moving between cells and pulls the focus off a slider (stopping the bubbling).
-  root.setAttribute("data-lm-suppress-shortcuts", "true");
-  for (const type of ["keydown", "keypress", "keyup"]) root.addEventListener(type, (event) => event.stopPropagation());
+    h("div", { class: "sx-status" }, messageLine(), timing));
   el.append(root);
 
   // ---------------------------------------------------------------------------------------- drawing
   let width = 0;
   let height = 0;
   let basePixels = null; // RGBA of the generated image, native size
-  let imageVersion = 0; // decoding is asynchronous: only the latest picture may land
-  let redrawCount = 0;
-
-  function recordRedraw(started, kind) {
-    const milliseconds = performance.now() - started;
-    redrawCount += 1;
-    root.dataset.redrawMs = milliseconds.toFixed(1);
-    root.dataset.redrawKind = kind;
-    root.dataset.redrawCount = String(redrawCount);
-    timing.textContent = `redrawn in ${milliseconds.toFixed(0)} ms${kind === "kernel" ? " (new heat map from the kernel)" : ""}`;
-  }
-
-  function colormapTable() {
-    const tables = model.get("colormap_tables") || {};
-    return bytesOf(tables[model.get("colormap")] ?? Object.values(tables)[0]);
-  }
+  const decodeLatest = latestOnly(decodePng); // decoding is asynchronous: only the latest picture may land
+  const recordRedraw = redrawTimer(root, timing, "new heat map from the kernel");
 
   function paint() {
     const heat = bytesOf(model.get("heat"));
     if (!basePixels || heat.length !== width * height) return false;
-    const table = colormapTable();
-    const opacity = Number(model.get("opacity"));
     const threshold = Number(model.get("threshold"));
-    const showMask = model.get("show_mask");
-    const overlay = new ImageData(width, height);
-    const mask = new ImageData(width, height);
-    const out = overlay.data;
-    const maskOut = mask.data;
-    for (let i = 0, p = 0; i < heat.length; i += 1, p += 4) {
-      const value = heat[i];
-      const inside = value / 255 > threshold; // HeatMap.mask's comparison, on the normalised map
-      if (showMask) {
-        const keep = inside ? 1 : 0.25; // the same dimming as AttributionExplorer.snapshot()
-        out[p] = basePixels[p] * keep;
-        out[p + 1] = basePixels[p + 1] * keep;
-        out[p + 2] = basePixels[p + 2] * keep;
-      } else {
-        const c = value * 3;
-        out[p] = (1 - opacity) * basePixels[p] + opacity * table[c];
-        out[p + 1] = (1 - opacity) * basePixels[p + 1] + opacity * table[c + 1];
-        out[p + 2] = (1 - opacity) * basePixels[p + 2] + opacity * table[c + 2];
-      }
-      out[p + 3] = 255;
-      const shade = inside ? 255 : 0;
-      maskOut[p] = shade;
-      maskOut[p + 1] = shade;
-      maskOut[p + 2] = shade;
-      maskOut[p + 3] = 255;
-    }
-    overlayCanvas.getContext("2d").putImageData(overlay, 0, 0);
-    maskCanvas.getContext("2d").putImageData(mask, 0, 0);
+    // Main view: the heat map over the image, or (show_mask) the image dimmed outside the mask, as
+    // AttributionExplorer.snapshot() draws it; beside it, the mask alone.
+    const overlay = model.get("show_mask")
+      ? maskImage(heat, width, threshold, { base: basePixels, dim: 0.25 })
+      : applyColormap(heat, width, colormapTable(model.get("colormap_tables"), model.get("colormap")),
+        { base: basePixels, opacity: Number(model.get("opacity")) });
+    putPixels(overlayCanvas, overlay);
+    putPixels(maskCanvas, maskImage(heat, width, threshold));
     maskLabel.textContent = `mask: normalised heat > ${threshold.toFixed(2)}`;
     root.dataset.heatVersion = String((Number(root.dataset.heatVersion) || 0) + 1);
     return true;
@@ -214,23 +132,11 @@ function render({ model, el }) {
   }
 
   async function loadImage() {
-    const version = ++imageVersion;
     const png = bytesOf(model.get("image_png"));
     if (png.length === 0) return;
-    const bitmap = await createImageBitmap(new Blob([png], { type: "image/png" }));
-    if (version !== imageVersion) return;
-    width = bitmap.width;
-    height = bitmap.height;
-    for (const canvas of [overlayCanvas, maskCanvas]) {
-      canvas.width = width;
-      canvas.height = height;
-    }
-    const scratch = document.createElement("canvas");
-    scratch.width = width;
-    scratch.height = height;
-    const context = scratch.getContext("2d");
-    context.drawImage(bitmap, 0, 0);
-    basePixels = context.getImageData(0, 0, width, height).data;
+    const image = await decodeLatest(png);
+    if (!image) return;
+    ({ width, height, data: basePixels } = image);
     resize();
     paint();
   }
@@ -246,47 +152,11 @@ function render({ model, el }) {
     for (const picture of [overlayCanvas, maskCanvas, x0Image]) picture.style.imageRendering = rendering;
   }
 
-  // ------------------------------------------------------------------- asking the kernel for heat maps
-  // One request in flight: while a slider is dragged, later positions wait and only the latest is sent.
-  let inFlight = false;
-  let inFlightTimer = null;
-  let inFlightSince = null; // performance.now() of the first input the request in flight answers
-  let queued = {};
-  let queuedSince = null;
-
-  function requestHeatMap(changes) {
-    if (queuedSince === null) queuedSince = performance.now();
-    Object.assign(queued, changes);
-    if (!inFlight) flush();
-  }
-
-  function flush() {
-    if (Object.keys(queued).length === 0) return;
-    for (const [key, value] of Object.entries(queued)) model.set(key, value);
-    model.set("request", model.get("request") + 1);
-    model.save_changes();
-    queued = {};
-    inFlight = true;
-    inFlightSince = queuedSince;
-    queuedSince = null;
-    clearTimeout(inFlightTimer);
-    // A request can go unanswered (the kernel restarted): do not keep the controls waiting for it forever.
-    inFlightTimer = setTimeout(() => { inFlight = false; flush(); }, 3000);
-  }
-
-  listen("change:answered_request", () => {
-    if (model.get("answered_request") >= model.get("request")) {
-      inFlight = false;
-      inFlightSince = null; // answered without a new map (it was the one on display)
-      clearTimeout(inFlightTimer);
-      flush();
-    }
-  });
-
-  function setLocal(key, value) {
-    model.set(key, value);
-    model.save_changes();
-  }
+  // A new word, step range, layer group or head asks the kernel for a heat map. One request is in flight:
+  // while a slider is dragged, later positions wait and only the latest is sent (base.js's requester).
+  const heatMaps = requester(view);
+  const requestHeatMap = heatMaps.ask;
+  const setLocal = (key, value) => view.save({ [key]: value });
 
   // ------------------------------------------------------------------------------- keeping in step
   function showWords() {
@@ -368,7 +238,7 @@ function render({ model, el }) {
   function showImages() {
     const n = model.get("num_images");
     imageRow.style.display = n > 1 ? "" : "none";
-    imageSelect.replaceChildren(...Array.from({ length: n }, (_, i) => h("option", { value: String(i) }, `image ${i + 1} of ${n}`)));
+    setOptions(imageSelect, Array.from({ length: n }, (_, i) => [i, `image ${i + 1} of ${n}`]));
     imageSelect.value = String(model.get("image_index"));
   }
 
@@ -379,16 +249,14 @@ function render({ model, el }) {
     thresholdReadout.textContent = Number(model.get("threshold")).toFixed(2);
     maskToggle.checked = model.get("show_mask");
     const names = Object.keys(model.get("colormap_tables") || {});
-    if (colormapSelect.options.length !== names.length) {
-      colormapSelect.replaceChildren(...names.map((name) => h("option", { value: name }, name)));
-    }
+    if (colormapSelect.options.length !== names.length) setOptions(colormapSelect, names);
     colormapSelect.value = model.get("colormap");
   }
 
   let frameUrls = [];
   function showTrajectory() {
     for (const url of frameUrls) URL.revokeObjectURL(url);
-    frameUrls = model.get("trajectory_pngs").map((png) => URL.createObjectURL(new Blob([bytesOf(png)], { type: "image/png" })));
+    frameUrls = model.get("trajectory_pngs").map(pngUrl);
     strip.replaceChildren(...frameUrls.map((url, step) => h("img", {
       src: url, class: "sx-frame", title: `step ${step}`, "data-step": String(step),
       onclick: () => { setLocal("trajectory_step", step); showTrajectoryStep(); },
@@ -419,15 +287,6 @@ function render({ model, el }) {
     generateHint.textContent = canGenerate ? "" : "built from a run: pass pipe= to generate";
   }
 
-  function showBusy() {
-    const busy = model.get("busy");
-    // A disabled fieldset disables every control inside it: nothing moves while the model runs.
-    for (const fieldset of root.querySelectorAll("fieldset")) fieldset.disabled = busy;
-    root.classList.toggle("sx-busy", busy);
-    progressBar.value = model.get("progress");
-    progressText.textContent = model.get("progress_text");
-  }
-
   function generate() {
     // Read every field before setting any: each model.set fires a change that refills the fields from the model.
     const settings = {
@@ -436,9 +295,8 @@ function render({ model, el }) {
       num_inference_steps: Math.max(1, Math.round(Number(stepsInput.value) || 1)),
       guidance_scale: Number(guidanceInput.value) || 0,
     };
-    for (const [key, value] of Object.entries(settings)) model.set(key, value);
-    model.save_changes();
-    model.send({ event: "generate" });
+    view.save(settings);
+    view.event("generate"); // LabWidget.on_event("generate", ...): busy, progress bar, then the new run
   }
 
   // ---------------------------------------------------------------------------------- control events
@@ -479,37 +337,35 @@ function render({ model, el }) {
   promptInput.addEventListener("keydown", (event) => { if (event.key === "Enter" && !generateButton.disabled) generate(); });
 
   // ----------------------------------------------------------------------------- changes from Python
-  listen("change:image_png", loadImage);
-  listen("change:heat", () => {
+  listen("image_png", loadImage);
+  listen("heat", () => {
     // Only one request is in flight, so a new heat map while one is pending is its answer.
-    if (paint() && inFlightSince !== null) {
-      recordRedraw(inFlightSince, "kernel");
-      inFlightSince = null;
-    }
+    if (!paint()) return;
+    const started = heatMaps.takeStart();
+    if (started !== null) recordRedraw(started, "kernel");
   });
-  listen("change:heat_label", () => { heatLabel.textContent = model.get("heat_label"); });
-  listen("change:image_prompt", () => { promptLabel.textContent = `“${model.get("image_prompt")}”`; });
-  listen("change:words change:word change:occurrence", showWords);
-  listen("change:num_steps change:step_start change:step_stop change:can_slice", showSteps);
-  listen("change:site_group_names change:site_group", showGroups);
-  listen("change:num_heads change:head change:can_slice", showHead);
-  listen("change:num_images change:image_index", showImages);
-  listen("change:opacity change:threshold change:show_mask change:colormap change:colormap_tables", () => {
+  listen("heat_label", () => { heatLabel.textContent = model.get("heat_label"); });
+  listen("image_prompt", () => { promptLabel.textContent = `“${model.get("image_prompt")}”`; });
+  listen("words word occurrence", showWords);
+  listen("num_steps step_start step_stop can_slice", showSteps);
+  listen("site_group_names site_group", showGroups);
+  listen("num_heads head can_slice", showHead);
+  listen("num_images image_index", showImages);
+  listen("opacity threshold show_mask colormap colormap_tables", () => {
     showDisplayControls();
     paint();
   });
-  listen("change:trajectory_pngs", showTrajectory);
-  listen("change:trajectory_step", showTrajectoryStep);
-  listen("change:prompt change:seed change:num_inference_steps change:guidance_scale change:can_generate", showGenerate);
-  listen("change:busy change:progress change:progress_text", showBusy);
-  listen("change:message", () => { message.textContent = model.get("message"); });
-  listen("change:display_size", resize);
+  listen("trajectory_pngs", showTrajectory);
+  listen("trajectory_step", showTrajectoryStep);
+  listen("prompt seed num_inference_steps guidance_scale can_generate", showGenerate);
+  listen("display_size", resize);
+  // busy / progress / message (LabWidget): while the model runs every fieldset is disabled, so nothing moves.
+  showStatus(view, root);
 
   // First draw from the state the model already holds.
   resize();
   heatLabel.textContent = model.get("heat_label");
   promptLabel.textContent = `“${model.get("image_prompt")}”`;
-  message.textContent = model.get("message");
   showWords();
   showSteps();
   showGroups();
@@ -518,14 +374,10 @@ function render({ model, el }) {
   showDisplayControls();
   showTrajectory();
   showGenerate();
-  showBusy();
   loadImage();
 
-  return () => {
-    for (const cleanup of cleanups) cleanup();
-    for (const url of frameUrls) URL.revokeObjectURL(url);
-    clearTimeout(inFlightTimer);
-  };
+  view.onCleanup(() => { for (const url of frameUrls) URL.revokeObjectURL(url); });
+  return view.dispose;
 }
 
 export default { render };
