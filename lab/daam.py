@@ -855,6 +855,9 @@ def trace_generation(pipe, prompt: str | list[str], *, seed: int | None = 0, num
     Other keyword arguments go to the pipeline (height, width, negative_prompt,
     num_images_per_prompt, image= and strength= for image-to-image pipelines, ...).
     """
+    if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int)
+                                            or num_inference_steps < 1):
+        raise ValueError(f"num_inference_steps must be a positive int (e.g. 20), got {num_inference_steps!r}")
     kwargs = dict(pipe_kwargs)
     if num_inference_steps is not None:
         kwargs["num_inference_steps"] = num_inference_steps
