@@ -3,7 +3,8 @@
     sdlab lab  [--dir DIR] [--port N] [--no-browser] [--token T]
         Copy the curated notebooks into DIR (default ./sdlab-notebooks) as .ipynb files, keeping any copy
         already there (it may hold your edits), and start JupyterLab on them, opening the tour. The
-        notebooks run the embedded TinyWorld model unless you change their `model` parameter.
+        notebooks run the embedded TinyWorld model unless you change their `model` parameter. Stopping
+        `sdlab lab` (Ctrl-C, SIGTERM, SIGHUP) stops JupyterLab too, and waits for it (run_jupyterlab).
 
     sdlab demo [--out FILE.html] [--profile fast|full]
         Run the tour notebook top to bottom without a browser (nbclient) and write an executed HTML copy
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import importlib.util
+import signal
 import site
 import subprocess
 import sys
@@ -40,7 +42,7 @@ SOURCE_CHECKOUT_NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 INSTALLED_NOTEBOOKS = Path("share") / "sdlab" / "notebooks"  # relative to an installation prefix
 
 __all__ = ["notebook_sources", "read_notebook", "apply_profile", "copy_notebooks", "lab_command",
-           "execute_notebook", "lab", "demo"]
+           "run_jupyterlab", "execute_notebook", "lab", "demo"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -149,6 +151,52 @@ def lab_command(directory: str | Path, *, port: int | None = None, open_browser:
     return command + extra
 
 
+# Signals that stop `sdlab lab` and are passed on to JupyterLab: a service manager's or `kill`'s SIGTERM,
+# a closed terminal's SIGHUP, and SIGINT (Ctrl-C, or `kill -INT`).
+FORWARDED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
+
+
+def run_jupyterlab(command: list[str]) -> int:
+    """Run `command` (JupyterLab) in the foreground until it exits; its exit status (128 + N if signal N ended it).
+
+    SIGTERM, SIGHUP and SIGINT sent to this process are passed on to JupyterLab, and this process keeps
+    waiting until JupyterLab has shut down, so stopping `sdlab lab` stops the server it started instead of
+    leaving it running. At a terminal, Ctrl-C reaches JupyterLab directly too; the forwarded copy is its
+    second Ctrl-C, which makes it stop at once instead of asking for confirmation.
+    """
+    import threading
+
+    child: subprocess.Popen | None = None
+    pending: list[int] = []
+
+    def forward(signum, frame):
+        if child is None:
+            pending.append(signum)  # arrived while the child was being started: passed on right after
+        else:
+            child.send_signal(signum)  # does nothing once the child has exited
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # Python handles signals in the main thread only
+        for signum in FORWARDED_SIGNALS:
+            previous[signum] = signal.signal(signum, forward)
+    try:
+        child = subprocess.Popen(command)
+        for signum in pending:
+            child.send_signal(signum)
+        code = child.wait()  # signal handlers run during the wait, which then resumes
+    finally:
+        if child is not None and child.poll() is None:  # this process is being torn down: do not orphan it
+            child.terminate()
+            try:
+                child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 128 - code if code < 0 else code
+
+
 def lab(argv: list[str] | None = None) -> int:
     """`sdlab lab`: copy the notebooks (keeping existing copies), then run JupyterLab until it stops."""
     parser = argparse.ArgumentParser(prog="sdlab lab", description="Open JupyterLab on sdlab's notebooks "
@@ -168,10 +216,7 @@ def lab(argv: list[str] | None = None) -> int:
                                "kept your copy (delete it to get the current version)"))
     command = lab_command(folder, port=args.port, open_browser=not args.no_browser, token=args.token, extra=extra)
     print("sdlab: starting JupyterLab (Ctrl-C to stop)", flush=True)
-    try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:  # JupyterLab got the Ctrl-C too and shuts down on its own
-        return 0
+    return run_jupyterlab(command)
 
 
 # ---------------------------------------------------------------------------------------------------------

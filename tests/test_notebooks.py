@@ -94,7 +94,7 @@ def test_copies_never_overwrite_the_users_edits(tmp_path):
 
 def test_sdlab_lab_copies_then_starts_jupyterlab_there(tmp_path, monkeypatch, capsys):
     started = []
-    monkeypatch.setattr(launcher.subprocess, "call", lambda command: started.append(command) or 0)
+    monkeypatch.setattr(launcher, "run_jupyterlab", lambda command: started.append(command) or 0)
     folder = tmp_path / "work"
     lab.cli.main(["lab", "--dir", str(folder), "--port", "9999", "--no-browser", "--token", "secret", "--allow-root"])
     command = started[0]

@@ -2,6 +2,7 @@
 
     sdlab tinyworld eval --judge              # judge accuracy + confusion on the fixed rendered split
     sdlab tinyworld eval --model [PATH]       # quality of a pipeline on the held-out prompt split
+                         [--seeds 4 --first-seed 0]   # which seeds: first-seed, first-seed + 1, ...
 
 Prompt split: scenes drawn from evaluation seeds (>= 10,000,000; training uses [0, 60,000)),
 captioned with every attribute named. TinyWorld is combinatorial, so "held out" means unseen
@@ -243,7 +244,9 @@ def main(argv=None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--judge", action="store_true", help="judge accuracy on the rendered split")
     p.add_argument("--model", nargs="?", const="", default=None, help="evaluate a pipeline (default: the embedded one)")
-    p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (default: 4)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="the first of them (default: 0, so seeds 0-3; e.g. 4 for seeds 4-7)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -258,7 +261,7 @@ def main(argv=None) -> None:
 
         pipe = load_pipeline(args.model or None)
         pipe.set_progress_bar_config(disable=True)
-        seeds = tuple(range(args.seeds))
+        seeds = tuple(range(args.first_seed, args.first_seed + args.seeds))
         results["model"] = evaluate_model(pipe, seeds=seeds, steps=args.steps, guidance=args.guidance)
         results["model"]["relation_swap"] = relation_swap_test(pipe, prompt_split()["pairs"], seeds=seeds,
                                                                steps=args.steps, guidance=args.guidance)
