@@ -76,7 +76,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lab import hooks, ovam
+from lab import diffusion, hooks, ovam
 from lab.heatmap import DAAM_THRESHOLD, HeatMap, plot_grid, upsample_and_add
 from lab.hooks import CaptureTooLarge, Mean, Selector, Site, Stack
 from lab.ovam import OptimizedToken
@@ -158,48 +158,9 @@ def _low_resolution_self_attention(pipe) -> Callable[[Site], bool]:
 
 def predicted_clean_latents(sample: torch.Tensor, model_output: torch.Tensor, alpha_bar: float,
                             prediction_type: str) -> torch.Tensor:
-    """x0_hat from the UNet's input x_t (variance-preserving) and its (guided) prediction."""
-    alpha_bar = torch.tensor(alpha_bar, dtype=torch.float64)
-    signal, noise = float(alpha_bar.sqrt()), float((1 - alpha_bar).sqrt())
-    if prediction_type == "epsilon":
-        return (sample - noise * model_output) / signal
-    if prediction_type == "v_prediction":
-        return signal * sample - noise * model_output
-    if prediction_type == "sample":
-        return model_output
-    raise ValueError(f"unknown prediction_type {prediction_type!r} (epsilon, v_prediction, sample)")
-
-
-def _alpha_bar(scheduler, step: int, timestep: float) -> float:
-    """abar_t of the input the UNet saw at `step` (StepContext.step: the index in scheduler.timesteps)."""
-    sigmas = getattr(scheduler, "sigmas", None)
-    if sigmas is not None and getattr(scheduler, "step_index", None) is not None:
-        # Sigma schedulers (Euler, DPM-Solver...) feed the UNet x / sqrt(sigma^2 + 1), which is the
-        # variance-preserving x_t of abar = 1 / (sigma^2 + 1); their sigma may sit between training steps.
-        sigma = float(sigmas[step])
-        return 1.0 / (1.0 + sigma**2)
-    return float(scheduler.alphas_cumprod[int(round(timestep))])
-
-
-def _decode_latents(pipe, latents: torch.Tensor, chunk: int = 8) -> np.ndarray:
-    """Latents -> uint8 images (n, height, width, 3), un-scaled the way the pipeline does before its VAE."""
-    vae = pipe.vae
-    config = vae.config
-    latents_mean, latents_std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-    if latents_mean is not None and latents_std is not None:  # some SDXL VAEs
-        mean = torch.tensor(latents_mean).view(1, -1, 1, 1)
-        std = torch.tensor(latents_std).view(1, -1, 1, 1)
-        latents = latents * std / config.scaling_factor + mean
-    else:
-        latents = latents / config.scaling_factor
-        if getattr(config, "shift_factor", None) is not None:
-            latents = latents + config.shift_factor
-    images = []
-    with torch.no_grad():
-        for start in range(0, len(latents), chunk):
-            decoded = vae.decode(latents[start : start + chunk].to(vae.device, vae.dtype), return_dict=False)[0]
-            images.append(pipe.image_processor.postprocess(decoded, output_type="np"))
-    return (np.concatenate(images) * 255).round().astype(np.uint8)
+    """x0_hat from the UNet's input x_t and its (guided) prediction: lab.diffusion.predicted_x0."""
+    return diffusion.predicted_x0(model_output=model_output, sample=sample, alpha_bar=alpha_bar,
+                                  prediction_type=prediction_type)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,14 +277,11 @@ class AttributionTrace:
         if getattr(pipe, "do_classifier_free_guidance", False):
             # The pipeline's own guidance, rows [uncond, cond]; both halves of the input are the same x_t.
             uncond, cond = prediction.chunk(2)
-            prediction = uncond + pipe.guidance_scale * (cond - uncond)
-            if getattr(pipe, "guidance_rescale", 0.0) > 0.0:
-                from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-
-                prediction = rescale_noise_cfg(prediction, cond, guidance_rescale=pipe.guidance_rescale)
+            prediction = diffusion.guided_prediction(uncond, cond, pipe.guidance_scale, getattr(pipe, "guidance_rescale", 0.0))
             sample = sample.chunk(2)[1]
-        alpha_bar = _alpha_bar(pipe.scheduler, ctx.step, ctx.timestep)
-        return predicted_clean_latents(sample, prediction, alpha_bar, pipe.scheduler.config.prediction_type)
+        alpha_bar = diffusion.input_alpha_bar(pipe.scheduler, ctx.step, ctx.timestep)
+        return diffusion.predicted_x0(model_output=prediction, sample=sample, alpha_bar=alpha_bar,
+                                      prediction_type=pipe.scheduler.config.prediction_type)
 
     # -- the result -----------------------------------------------------------------------------
 
@@ -370,7 +328,7 @@ class AttributionTrace:
             x0_latents = torch.stack([self._guided_clean_latents(sample, prediction, ctx) for sample, prediction, ctx
                                       in zip(inputs, outputs, self._unet_input.contexts)])  # (steps, images, ...)
             steps, batch = x0_latents.shape[:2]
-            x0_images = _decode_latents(self.pipe, x0_latents.flatten(0, 1)).reshape(steps, batch, *image_size, 3)
+            x0_images = diffusion.decode_latents(self.pipe, x0_latents.flatten(0, 1), output_type="np", chunk=8).reshape(steps, batch, *image_size, 3)
 
         run = AttributionRun(
             prompts=prompts,

@@ -8,7 +8,7 @@
 Notation (variance preserving):  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,
                                    v  = sqrt(abar_t) eps - sqrt(1 - abar_t) x0.
 
-    schedule      alpha_bar, previous_timestep, add_noise
+    schedule      alpha_bar, input_alpha_bar, previous_timestep, add_noise
     predictions   predicted_x0, predicted_epsilon, predicted_v      (epsilon / v_prediction / sample models)
     DDIM (eta 0)  ddim_step (t -> lower t), ddim_invert_step (lower t -> higher t)
     guidance      guided_prediction                                 (classifier-free, with Lin et al.'s rescale)
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["alpha_bar", "previous_timestep", "add_noise", "predicted_x0", "predicted_epsilon", "predicted_v",
+__all__ = ["alpha_bar", "input_alpha_bar", "previous_timestep", "add_noise", "predicted_x0", "predicted_epsilon", "predicted_v",
            "ddim_step", "ddim_invert_step", "guided_prediction", "decode_latents", "encode_image",
            "PromptEmbeddings", "encode_prompt", "model_prediction"]
 
@@ -61,6 +61,19 @@ def alpha_bar(scheduler, timestep) -> torch.Tensor:
                          f"{len(table) - 1} (num_train_timesteps); a negative one means the step after the last")
     final = getattr(scheduler, "final_alpha_cumprod", getattr(scheduler, "initial_alpha_cumprod", 1.0))
     return torch.where(t < 0, torch.as_tensor(final, dtype=torch.float64), table[t.clamp(min=0)])
+
+
+def input_alpha_bar(scheduler, step: int, timestep) -> torch.Tensor:
+    """abar of the input the UNet saw at schedule index `step` (timestep `timestep`), during a run.
+
+    Sigma schedulers (Euler, DPM-Solver... once stepping) feed the UNet x / sqrt(sigma^2 + 1), the
+    variance-preserving x_t of abar = 1 / (sigma^2 + 1), and their sigma may sit between training
+    steps; the others feed x_t at the training timestep, abar_t."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and getattr(scheduler, "step_index", None) is not None:
+        sigma = float(sigmas[step])
+        return torch.tensor(1.0 / (1.0 + sigma**2), dtype=torch.float64)
+    return alpha_bar(scheduler, int(round(float(timestep))))
 
 
 def previous_timestep(scheduler, timestep) -> int:

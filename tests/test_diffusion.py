@@ -4,7 +4,7 @@ end to end, a hand-written loop of lab.diffusion functions against the pipelines
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler
+from diffusers import DDIMInverseScheduler, DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from PIL import Image
 
@@ -439,3 +439,16 @@ def test_model_prediction_drives_the_pipelines_own_euler_scheduler(sdxl):
     ours = hand_written_loop(pipe, "a red circle", start.clone(), 3, 5.0, step=pipe.scheduler.step)
     assert pipe.scheduler.init_noise_sigma > 1
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_input_alpha_bar_follows_the_scheduler_kind(sd1, sdxl):
+    """DDIM feeds x_t at a training timestep; Euler, once stepping, x / sqrt(sigma^2 + 1)."""
+    ddim = sd1.scheduler
+    ddim.set_timesteps(4)
+    t = ddim.timesteps[1]
+    assert diffusion.input_alpha_bar(ddim, 1, t) == diffusion.alpha_bar(ddim, int(t))
+    euler = EulerDiscreteScheduler.from_config(sdxl.scheduler.config)
+    euler.set_timesteps(4)
+    euler.scale_model_input(torch.zeros(1, 4, 8, 8), euler.timesteps[0])  # starts stepping: step_index is set
+    sigma = float(euler.sigmas[2])
+    assert float(diffusion.input_alpha_bar(euler, 2, euler.timesteps[2])) == pytest.approx(1 / (1 + sigma**2))

@@ -122,6 +122,10 @@ class Trace:
                   call of each generation, before anything is captured; None disables the check.
     scheduler     for step numbers when `model` is a bare UNet (pipelines bring theirs).
 
+    Batch rows: every call's batch is read as equal parts, [uncond, cond] under batched guidance,
+    [uncond, cond, perturbed] in diffusers' PAG pipelines; a technique names its own parts and images
+    with name_rows(...), and captures and edits pick rows by name (rows=; see lab.hooks.context).
+
     A trace is entered once. Only one trace may be active on a UNet at a time.
     """
 

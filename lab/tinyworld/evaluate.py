@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..daam import predicted_clean_latents
+from ..diffusion import predicted_x0
 from .judge import judge_rendered, parse_prompt, score_prompt
 from .world import COLORS, OPPOSITE_RELATION, RELATIONS, SHAPES, TEXTURES, render, sample_scene
 
@@ -206,7 +206,8 @@ def first_step_layout(pipe, prompts: list[str], seeds=(0, 1, 2, 3), steps: int =
         x = scheduler.scale_model_input(torch.cat([noise, noise]), t)
         out_uncond, out_cond = pipe.unet(x, t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
         out = out_uncond + guidance * (out_cond - out_uncond)
-        clean = predicted_clean_latents(noise, out, float(alpha), scheduler.config.prediction_type).to(out.dtype)
+        clean = predicted_x0(model_output=out, sample=noise, alpha_bar=float(alpha),
+                             prediction_type=scheduler.config.prediction_type).to(out.dtype)
         images = pipe.vae.decode(clean / pipe.vae.config.scaling_factor).sample
         images = ((images.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).float().cpu().numpy()
         offsets += [relation_offset(im, p) for (p, _), im in zip(chunk, images)]
