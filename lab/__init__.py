@@ -19,7 +19,7 @@ from lab import hooks, tokens
 from lab.hooks import Mean, Stack, Sum, TopK, active_hooks, remove_all_hooks, scale_tokens, select_sites, sites, trace
 from lab.pipelines import load_pipeline
 from lab.tokens import prompt_tokens, token_indices
-from lab import daam, heatmap, ovam, results
+from lab import daam, diffusion, heatmap, ovam, results, weights
 
 # Reachable as lab.<Name> since before __all__ existed; their home is the module named.
 from lab.hooks import (  # noqa: F401
@@ -57,15 +57,16 @@ __all__ = [
     "ovam",
     "heatmap",
     "results",
+    "diffusion",
+    "weights",
 ]
 
-_LAZY_MODULES = ("testing", "diffusion", "weights")
+_LAZY_MODULES = ("testing",)
 
 
 def __getattr__(name: str):
     # `lab.testing` builds pipelines, which imports all of diffusers' and transformers' pipeline code
     # (seconds, plus transformers' torchvision notices): loaded on first use, not on `import lab`.
-    # lab.diffusion and lab.weights are imported on first use too (peft is only needed for LoRA).
     if name in _LAZY_MODULES:
         import importlib
 
