@@ -176,14 +176,18 @@ function colormapTable(tables, name) {
 
 function applyColormap(heat, width, table, { base = null, opacity = 1 } = {}) {
   // One byte per pixel, row-major, `width` wide -> RGBA ImageData: the table's colours, blended over
-  // base's RGBA pixels with `opacity` when base is given (HeatMap.overlay's arithmetic).
+  // base's RGBA pixels with `opacity` when base is given (HeatMap.overlay's arithmetic). The loops are
+  // written out per channel: this runs on every slider move, on up to 512x512 pixels.
   const out = new ImageData(width, heat.length / width);
   const data = out.data;
+  const keep = base ? 1 - opacity : 0;
+  const mix = base ? opacity : 1;
+  const under = base ?? data; // without base: zeros (ImageData starts transparent black) times 0
   for (let i = 0, p = 0; i < heat.length; i += 1, p += 4) {
     const c = heat[i] * 3;
-    for (let k = 0; k < 3; k += 1) {
-      data[p + k] = base ? (1 - opacity) * base[p + k] + opacity * table[c + k] : table[c + k];
-    }
+    data[p] = keep * under[p] + mix * table[c];
+    data[p + 1] = keep * under[p + 1] + mix * table[c + 1];
+    data[p + 2] = keep * under[p + 2] + mix * table[c + 2];
     data[p + 3] = 255;
   }
   return out;
@@ -196,8 +200,17 @@ function maskImage(heat, width, threshold, { base = null, dim = 0.25 } = {}) {
   const data = out.data;
   for (let i = 0, p = 0; i < heat.length; i += 1, p += 4) {
     const inside = heat[i] / 255 > threshold;
-    const keep = inside ? 1 : dim;
-    for (let k = 0; k < 3; k += 1) data[p + k] = base ? base[p + k] * keep : (inside ? 255 : 0);
+    if (base) {
+      const keep = inside ? 1 : dim;
+      data[p] = base[p] * keep;
+      data[p + 1] = base[p + 1] * keep;
+      data[p + 2] = base[p + 2] * keep;
+    } else {
+      const shade = inside ? 255 : 0;
+      data[p] = shade;
+      data[p + 1] = shade;
+      data[p + 2] = shade;
+    }
     data[p + 3] = 255;
   }
   return out;
