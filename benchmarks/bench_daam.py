@@ -106,7 +106,12 @@ def map_latency(run) -> dict:
     steps = run.num_steps
 
     def sliced(index):
-        run.heat_map(WORD, steps=range(index % steps, steps), sites=groups[index % len(groups)], heads=index % run.num_heads["all"])
+        run.heat_map(
+            WORD,
+            steps=range(index % steps, steps),
+            sites=groups[index % len(groups)],
+            heads=index % run.num_heads["all"],
+        )
 
     def sliced_ovam(index):
         run.open_vocab_map("triangle", steps=range(index % steps, steps), sites=groups[index % len(groups)])
@@ -133,7 +138,7 @@ def worker_time(model: str, steps: int, rounds: int) -> dict:
     seconds = {config: [] for config in CONFIGS}
     stored, widget_run = {}, None
     for round_index in range(rounds):
-        order = CONFIGS[round_index % len(CONFIGS):] + CONFIGS[: round_index % len(CONFIGS)]  # rotate the order
+        order = CONFIGS[round_index % len(CONFIGS) :] + CONFIGS[: round_index % len(CONFIGS)]  # rotate the order
         for config in order:
             elapsed, run = generate(pipe, size, steps, config)
             seconds[config].append(elapsed)
@@ -142,8 +147,15 @@ def worker_time(model: str, steps: int, rounds: int) -> dict:
             if config == "widget":
                 widget_run = run
     return {
-        "generation": {config: {"median_s": statistics.median(s), "min_s": min(s), "runs_s": s,
-                                "stored_mb": stored.get(config, 0) / 2**20} for config, s in seconds.items()},
+        "generation": {
+            config: {
+                "median_s": statistics.median(s),
+                "min_s": min(s),
+                "runs_s": s,
+                "stored_mb": stored.get(config, 0) / 2**20,
+            }
+            for config, s in seconds.items()
+        },
         "reading_maps": map_latency(widget_run),
     }
 
@@ -164,14 +176,19 @@ def markdown(results: dict) -> str:
     for model, result in results["models"].items():
         generation, reading = result["generation"], result["reading_maps"]
         plain = generation["plain"]["median_s"]
-        lines += [f"## {model} ({result['steps']} steps)", "",
-                  "| configuration | median s | vs plain | stored MiB | peak RSS over start MiB |",
-                  "|---|---:|---:|---:|---:|"]
+        lines += [
+            f"## {model} ({result['steps']} steps)",
+            "",
+            "| configuration | median s | vs plain | stored MiB | peak RSS over start MiB |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for config in CONFIGS:
             row = generation[config]
             peak = result["memory"].get(config, {}).get("peak_over_start_mb")
-            lines.append(f"| {config} | {row['median_s']:.3f} | {row['median_s'] / plain:.2f}x | {row['stored_mb']:.1f} | "
-                         f"{'-' if peak is None else f'{peak:.0f}'} |")
+            lines.append(
+                f"| {config} | {row['median_s']:.3f} | {row['median_s'] / plain:.2f}x | {row['stored_mb']:.1f} | "
+                f"{'-' if peak is None else f'{peak:.0f}'} |"
+            )
         lines += ["", "| reading maps (widget run) | ms |", "|---|---:|"]
         lines += [f"| {name.removesuffix('_ms').replace('_', ' ')} | {value:.2f} |" for name, value in reading.items()]
         lines.append("")
@@ -189,8 +206,10 @@ def main(argv=None) -> None:
 
     import lab.pipelines
 
-    results = {"machine": f"{platform.machine()} {platform.processor() or 'CPU'}, {args.threads} torch thread(s)",
-               "models": {}}
+    results = {
+        "machine": f"{platform.machine()} {platform.processor() or 'CPU'}, {args.threads} torch thread(s)",
+        "models": {},
+    }
     for model in args.models.split(","):
         if model == "tinyworld" and not (lab.pipelines.EMBEDDED_MODEL / "model_index.json").exists():
             print("skipping tinyworld: the embedded model is not trained yet", file=sys.stderr)

@@ -75,8 +75,13 @@ def generate(pipe, size: int, steps: int, mode: str) -> dict:
 
     import lab
 
-    kwargs = dict(num_inference_steps=steps, height=size, width=size, output_type="latent",
-                  generator=torch.Generator().manual_seed(0))
+    kwargs = dict(
+        num_inference_steps=steps,
+        height=size,
+        width=size,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    )
     captured = 0
     start, start_cpu = time.perf_counter(), time.process_time()
     if mode == "plain":
@@ -87,22 +92,28 @@ def generate(pipe, size: int, steps: int, mode: str) -> dict:
             if mode == "cross_mean":
                 capture = tr.capture("cross", "probs", reduce=lab.Mean(over=("steps", "heads")), cfg="both")
             if mode == "self_ds4":
-                capture = tr.capture("self", "probs", reduce=lab.Mean(over=("steps", "heads"), downsample=4), cfg="both")
+                capture = tr.capture(
+                    "self", "probs", reduce=lab.Mean(over=("steps", "heads"), downsample=4), cfg="both"
+                )
             pipe(PROMPT, **kwargs)
         if capture is not None:
             captured = capture.nbytes()
     elif mode in ("amd_exact", "amd_fast"):
         from attention_map_diffusers import AttentionCapture
 
-        with AttentionCapture(pipe, relations="image->text", layers="all", timesteps="all", heads="mean",
-                              mode=mode.removeprefix("amd_")) as amd:
+        with AttentionCapture(
+            pipe, relations="image->text", layers="all", timesteps="all", heads="mean", mode=mode.removeprefix("amd_")
+        ) as amd:
             pipe(PROMPT, **kwargs)
         maps = amd.compute()
         captured = sum(_nbytes(record) for record in maps)
     else:
         raise ValueError(mode)
-    return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - start_cpu,
-            "captured_bytes": captured}
+    return {
+        "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - start_cpu,
+        "captured_bytes": captured,
+    }
 
 
 def _nbytes(record) -> int:
@@ -143,7 +154,7 @@ def worker_time(model: str, steps: int, rounds: int, modes: list[str]) -> dict:
     generate(pipe, size, steps, "plain")  # warm-up: allocator, thread pools
     runs = {mode: [] for mode in modes}
     for round_index in range(rounds):
-        order = modes[round_index % len(modes):] + modes[: round_index % len(modes)]  # rotate the order
+        order = modes[round_index % len(modes) :] + modes[: round_index % len(modes)]  # rotate the order
         for mode in order:
             timer.seconds = 0.0
             run = generate(pipe, size, steps, mode)
@@ -232,11 +243,16 @@ def worker_sites(model: str, passes: int) -> dict:
         with lab.trace(unet):  # once per `with` block: indexes sites, checks for leftovers
             pass
         enter_exit = min(enter_exit, time.perf_counter() - start)
-    result["idle"] = {"tiny_call_plain_s": tiny_plain, "tiny_call_idle_s": tiny_idle,
-                      "overhead_per_call": max(tiny_idle - tiny_plain, 0.0) / plain_call,
-                      "enter_exit_s": enter_exit}
-    for kind, mode, reduce in [("cross", "cross_mean", lab.Mean(over=("steps", "heads"))),
-                               ("self", "self_ds4", lab.Mean(over=("steps", "heads"), downsample=4))]:
+    result["idle"] = {
+        "tiny_call_plain_s": tiny_plain,
+        "tiny_call_idle_s": tiny_idle,
+        "overhead_per_call": max(tiny_idle - tiny_plain, 0.0) / plain_call,
+        "enter_exit_s": enter_exit,
+    }
+    for kind, mode, reduce in [
+        ("cross", "cross_mean", lab.Mean(over=("steps", "heads"))),
+        ("self", "self_ds4", lab.Mean(over=("steps", "heads"), downsample=4)),
+    ]:
         plain = min_pass(kind)
         with lab.trace(unet, guidance="batched") as tr:
             tr.capture(kind, "probs", reduce=reduce, cfg="both")
@@ -244,8 +260,11 @@ def worker_sites(model: str, passes: int) -> dict:
                 unet(latents, 500, encoder_hidden_states=text)  # sets the step context
             hooked = min_pass(kind)
         plain = min(plain, min_pass(kind))  # once more after, in case the load changed meanwhile
-        result[mode] = {"sites_plain_s": plain, "sites_hooked_s": hooked,
-                        "overhead_per_call": (hooked - plain) / plain_call}
+        result[mode] = {
+            "sites_plain_s": plain,
+            "sites_hooked_s": hooked,
+            "overhead_per_call": (hooked - plain) / plain_call,
+        }
     return result
 
 
@@ -279,27 +298,45 @@ def machine_description(threads: int) -> dict:
         model_name = re.search(r"Model name:\s*(.+)", lscpu).group(1).strip()
     except (OSError, AttributeError):
         pass
-    return {"cpu": model_name, "cores": os.cpu_count(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "python": platform.python_version(), "torch_threads": threads,
-            "load_average_at_start": os.getloadavg()}
+    return {
+        "cpu": model_name,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+        "torch_threads": threads,
+        "load_average_at_start": os.getloadavg(),
+    }
 
 
 def _size(nbytes: int) -> str:
-    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 1024:.1f} KiB" if nbytes >= 1024 else f"{nbytes} B"
+    return (
+        f"{nbytes / 2**20:.1f} MiB"
+        if nbytes >= 2**20
+        else f"{nbytes / 1024:.1f} KiB"
+        if nbytes >= 1024
+        else f"{nbytes} B"
+    )
 
 
 def _time_and_memory_table(result: dict) -> list[str]:
     measured = result.get("time_measured")
-    when = (f" Timed {measured['date']}, load average at start {measured['load_average_at_start']:.1f}."
-            if measured else "")
-    lines = [f"Time: median of {result['rounds']} interleaved rounds of one {result['steps']}-step generation, CFG batch 2.{when} "
-             f"Memory: fresh process per configuration, peak RSS rise during one generation.", "",
-             "Attention-attributed overhead = (median time inside Attention modules − plain's) / plain's "
-             "median generation time (see AttentionTimer).", "",
-             "Per-round × plain: median over rounds of (this configuration's time / plain's time in the same round); "
-             "each round runs every configuration back to back, so slow drifts of the machine cancel.", "",
-             "| configuration | median wall | × plain | per-round × plain | min wall × plain | median CPU × plain | time in attention | attention-attributed overhead | peak RSS rise | × plain's rise | captured |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    when = (
+        f" Timed {measured['date']}, load average at start {measured['load_average_at_start']:.1f}." if measured else ""
+    )
+    lines = [
+        f"Time: median of {result['rounds']} interleaved rounds of one {result['steps']}-step generation, CFG batch 2.{when} "
+        f"Memory: fresh process per configuration, peak RSS rise during one generation.",
+        "",
+        "Attention-attributed overhead = (median time inside Attention modules − plain's) / plain's "
+        "median generation time (see AttentionTimer).",
+        "",
+        "Per-round × plain: median over rounds of (this configuration's time / plain's time in the same round); "
+        "each round runs every configuration back to back, so slow drifts of the machine cancel.",
+        "",
+        "| configuration | median wall | × plain | per-round × plain | min wall × plain | median CPU × plain | time in attention | attention-attributed overhead | peak RSS rise | × plain's rise | captured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     plain = result["time"]["plain"]
     plain_t = plain["median_s"]
     plain_m = result["memory"]["plain"]["peak_over_start_mb"]
@@ -312,7 +349,11 @@ def _time_and_memory_table(result: dict) -> list[str]:
             f"{timing['min_s'] / plain['min_s']:.3f} | {timing['median_cpu_s'] / plain['median_cpu_s']:.3f} | "
             f"{timing['median_attention_s'] * 1000:.0f} ms | "
             f"{(timing['median_attention_s'] - plain['median_attention_s']) / plain_t * 100:+.1f} % | "
-            + (f"{rise:.0f} MB | {rise / plain_m:.2f} | {_size(memory['captured_bytes'])} |" if rise is not None else "– | – | – |")
+            + (
+                f"{rise:.0f} MB | {rise / plain_m:.2f} | {_size(memory['captured_bytes'])} |"
+                if rise is not None
+                else "– | – | – |"
+            )
         )
     return lines + [""]
 
@@ -332,23 +373,35 @@ def to_markdown(report: dict) -> str:
             lines += _time_and_memory_table(result)
         sites = result.get("sites")
         if sites:
-            lines += [f"Cost at the hooked sites alone (minimum of {sites['passes']} passes over the sites, "
-                      f"robust to background load), per UNet call of {sites['unet_call_min_s'] * 1000:.0f} ms (min):", "",
-                      "| configuration | sites without hooks | with hooks | overhead per UNet call |", "|---|---|---|---|",
-                      f"| idle (pre-hook, timed on the tiny UNet) | {sites['idle']['tiny_call_plain_s'] * 1000:.2f} ms | "
-                      f"{sites['idle']['tiny_call_idle_s'] * 1000:.2f} ms | {sites['idle']['overhead_per_call'] * 100:.3f} % |"]
-            after = [f"Entering and leaving a trace on this UNet (once per `with` block): "
-                     f"{sites['idle']['enter_exit_s'] * 1000:.1f} ms.", ""]
+            lines += [
+                f"Cost at the hooked sites alone (minimum of {sites['passes']} passes over the sites, "
+                f"robust to background load), per UNet call of {sites['unet_call_min_s'] * 1000:.0f} ms (min):",
+                "",
+                "| configuration | sites without hooks | with hooks | overhead per UNet call |",
+                "|---|---|---|---|",
+                f"| idle (pre-hook, timed on the tiny UNet) | {sites['idle']['tiny_call_plain_s'] * 1000:.2f} ms | "
+                f"{sites['idle']['tiny_call_idle_s'] * 1000:.2f} ms | {sites['idle']['overhead_per_call'] * 100:.3f} % |",
+            ]
+            after = [
+                f"Entering and leaving a trace on this UNet (once per `with` block): "
+                f"{sites['idle']['enter_exit_s'] * 1000:.1f} ms.",
+                "",
+            ]
             for mode in ("cross_mean", "self_ds4"):
                 cost = sites[mode]
-                lines.append(f"| {mode} | {cost['sites_plain_s'] * 1000:.1f} ms | {cost['sites_hooked_s'] * 1000:.1f} ms | "
-                             f"{cost['overhead_per_call'] * 100:.2f} % |")
+                lines.append(
+                    f"| {mode} | {cost['sites_plain_s'] * 1000:.1f} ms | {cost['sites_hooked_s'] * 1000:.1f} ms | "
+                    f"{cost['overhead_per_call'] * 100:.2f} % |"
+                )
             lines += [""] + after
     if report.get("steps_scaling"):
         s = report["steps_scaling"]
-        lines += [f"## Memory against steps ({s['model']})", "",
-                  "| configuration | " + " | ".join(f"{n} steps: peak rise / captured" for n in s["steps"]) + " |",
-                  "|---|" + "---|" * len(s["steps"])]
+        lines += [
+            f"## Memory against steps ({s['model']})",
+            "",
+            "| configuration | " + " | ".join(f"{n} steps: peak rise / captured" for n in s["steps"]) + " |",
+            "|---|" + "---|" * len(s["steps"]),
+        ]
         for mode, per_steps in s["results"].items():
             cells = [f"{r['peak_over_start_mb']:.1f} MB / {_size(r['captured_bytes'])}" for r in per_steps]
             lines.append(f"| {mode} | " + " | ".join(cells) + " |")
@@ -360,22 +413,30 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,sd15")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (see the module docstring)")
-    parser.add_argument("--amd-python", default="/tmp/venv-amd/bin/python",
-                        help="interpreter that can import attention_map_diffusers (workers run under it)")
+    parser.add_argument(
+        "--amd-python",
+        default="/tmp/venv-amd/bin/python",
+        help="interpreter that can import attention_map_diffusers (workers run under it)",
+    )
     parser.add_argument("--tiny-steps", type=int, default=10)
     parser.add_argument("--tiny-rounds", type=int, default=9)
     parser.add_argument("--sd15-steps", type=int, default=2)
     parser.add_argument("--sd15-rounds", type=int, default=4)
     parser.add_argument("--scaling-steps", default="10,50", help="steps for the memory-against-steps runs (tiny)")
     parser.add_argument("--site-passes", type=int, default=12, help="passes for the cost-at-sites measurement")
-    parser.add_argument("--parts", default="time,memory,scaling,sites",
-                        help="what to measure; a subset updates an existing results file in place")
+    parser.add_argument(
+        "--parts",
+        default="time,memory,scaling,sites",
+        help="what to measure; a subset updates an existing results file in place",
+    )
     parser.add_argument("--out", default=str(HERE / "results"))
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
 
     python = args.amd_python if Path(args.amd_python).exists() and amd_available(args.amd_python) else sys.executable
-    modes = MODES if python != sys.executable or amd_available(python) else [m for m in MODES if not m.startswith("amd")]
+    modes = (
+        MODES if python != sys.executable or amd_available(python) else [m for m in MODES if not m.startswith("amd")]
+    )
     machine = machine_description(args.threads)
     slug = re.sub(r"[^a-z0-9]+", "-", f"{machine['cpu']} {machine['cores']}c".lower()).strip("-")
     out = Path(args.out)
@@ -383,16 +444,24 @@ def main(argv=None) -> None:
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine, "python": python, "models": {}}
     if parts != {"time", "memory", "scaling", "sites"} and json_path.exists():
         report = json.loads(json_path.read_text())  # update the parts asked for, keep the rest
-    descriptions = {"tiny": "lab.testing.tiny_sd1_pipeline, 64x64 image (8x8 latent)",
-                    "sd15": "SD-1.5-sized random UNet (860M), 256x256 image (32x32 latent)"}
+    descriptions = {
+        "tiny": "lab.testing.tiny_sd1_pipeline, 64x64 image (8x8 latent)",
+        "sd15": "SD-1.5-sized random UNet (860M), 256x256 image (32x32 latent)",
+    }
     for model in args.models.split(","):
         steps, rounds = (args.tiny_steps, args.tiny_rounds) if model == "tiny" else (args.sd15_steps, args.sd15_rounds)
-        entry = report["models"].setdefault(model, {"description": descriptions[model], "steps": steps, "rounds": rounds})
+        entry = report["models"].setdefault(
+            model, {"description": descriptions[model], "steps": steps, "rounds": rounds}
+        )
         if "time" in parts:
             print(f"[{model}] timing {len(modes)} configurations x {rounds} rounds ...", flush=True)
             measured = {"date": time.strftime("%Y-%m-%d %H:%M"), "load_average_at_start": os.getloadavg()[0]}
-            entry.update(steps=steps, rounds=rounds, time_measured=measured,
-                         time=run_worker(python, args.threads, "_time", model, steps, rounds, ",".join(modes)))
+            entry.update(
+                steps=steps,
+                rounds=rounds,
+                time_measured=measured,
+                time=run_worker(python, args.threads, "_time", model, steps, rounds, ",".join(modes)),
+            )
         if "memory" in parts:
             entry["memory"] = {}
             for mode in modes:

@@ -20,7 +20,7 @@ import lab
 def cpu_name() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
     except Exception:
         return platform.processor() or "unknown CPU"
 
@@ -33,8 +33,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pipe = lab.load_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    run = lambda: pipe("a small striped red circle left of a blue square", num_inference_steps=20,  # noqa: E731
-                       guidance_scale=5.0, generator=torch.Generator().manual_seed(0))
+
+    def run():
+        return pipe(
+            "a small striped red circle left of a blue square",
+            num_inference_steps=20,
+            guidance_scale=5.0,
+            generator=torch.Generator().manual_seed(0),
+        )
+
     run()  # warm-up
     times = []
     for _ in range(args.repeats):
@@ -42,10 +49,12 @@ def main() -> None:
         run()
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    text = (f"# TinyWorld model speed\n\nOne 64x64 image, 20 DDIM steps, guidance 5 (batched CFG), float32, "
-            f"{args.threads} threads, {cpu_name()}, torch {torch.__version__}.\n\n"
-            f"| median | min | max | repeats |\n|---|---|---|---|\n"
-            f"| {median:.3f} s | {min(times):.3f} s | {max(times):.3f} s | {args.repeats} |\n")
+    text = (
+        f"# TinyWorld model speed\n\nOne 64x64 image, 20 DDIM steps, guidance 5 (batched CFG), float32, "
+        f"{args.threads} threads, {cpu_name()}, torch {torch.__version__}.\n\n"
+        f"| median | min | max | repeats |\n|---|---|---|---|\n"
+        f"| {median:.3f} s | {min(times):.3f} s | {max(times):.3f} s | {args.repeats} |\n"
+    )
     out = Path(__file__).parent / "results" / "tinyworld_speed.md"
     out.parent.mkdir(exist_ok=True)
     out.write_text(text)

@@ -31,8 +31,12 @@ def measure_peak_rss(work) -> tuple[dict, object]:
         source = "ru_maxrss (includes set-up)"
     result = work()
     peak_kb = _status_kb("VmHWM") if source.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"rss_before_mb": rss_before_kb / 1024, "peak_mb": peak_kb / 1024,
-            "peak_over_start_mb": (peak_kb - rss_before_kb) / 1024, "source": source}, result
+    return {
+        "rss_before_mb": rss_before_kb / 1024,
+        "peak_mb": peak_kb / 1024,
+        "peak_over_start_mb": (peak_kb - rss_before_kb) / 1024,
+        "source": source,
+    }, result
 
 
 def run_worker(script: str, python: str, threads: int, *args) -> dict:

@@ -45,7 +45,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     pipe, step = checkpoint_pipeline(args.out, args.prediction_type)
     split = prompt_split()
-    results = evaluate_model(pipe, seeds=tuple(range(args.seeds)), sets={name: split[name] for name in args.sets.split(",")})
+    results = evaluate_model(
+        pipe, seeds=tuple(range(args.seeds)), sets={name: split[name] for name in args.sets.split(",")}
+    )
     print(json.dumps({"step": step, **results}, indent=1))
 
 

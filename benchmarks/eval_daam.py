@@ -76,13 +76,26 @@ def words_to_score(prompt: str, image) -> tuple[list[dict], dict[str, int]]:
     """[{class, word, occurrence, truth}] for the words whose object the judge found as asked; skipped counts."""
     spec = judge.parse_prompt(prompt)
     reading = judge.read_image(image)
-    expected = [WorldObject(shape=o["shape"], color=o["color"] or "", size=0.0, texture=o["texture"] or "",
-                            cx=float("nan"), cy=float("nan")) for o in spec.objects]
+    expected = [
+        WorldObject(
+            shape=o["shape"],
+            color=o["color"] or "",
+            size=0.0,
+            texture=o["texture"] or "",
+            cx=float("nan"),
+            cy=float("nan"),
+        )
+        for o in spec.objects
+    ]
     found = judge.match(expected, reading.objects)
     words, skipped = [], defaultdict(int)
     seen = defaultdict(int)  # occurrences of each word so far, in prompt order
-    attributes = (("shape", "shape", "shape"), ("colour", "color", "color"), ("texture", "texture", "texture"),
-                  ("size", "size_label", "size_label"))
+    attributes = (
+        ("shape", "shape", "shape"),
+        ("colour", "color", "color"),
+        ("texture", "texture", "texture"),
+        ("size", "size_label", "size_label"),
+    )
     for asked, detection in zip(spec.objects, found):
         for word_class, prompt_key, detection_key in attributes:
             word = asked[prompt_key]
@@ -99,7 +112,9 @@ def words_to_score(prompt: str, image) -> tuple[list[dict], dict[str, int]]:
         pair_found = all(d is not None and d.shape == o["shape"] for o, d in zip(spec.objects, found))
         if pair_found:
             union = found[0].mask | found[1].mask
-            words.append({"class": "relation", "word": RELATION_WORD[spec.relation], "occurrence": None, "truth": union})
+            words.append(
+                {"class": "relation", "word": RELATION_WORD[spec.relation], "occurrence": None, "truth": union}
+            )
         else:
             skipped["relation"] += 1
     return words, dict(skipped)
@@ -130,7 +145,12 @@ def gaussian_blob(size: tuple[int, int]) -> np.ndarray:
 
 def thirds(num_steps: int) -> dict[str, range]:
     cut1, cut2 = round(num_steps / 3), round(2 * num_steps / 3)
-    return {"early": range(0, cut1), "middle": range(cut1, cut2), "late": range(cut2, num_steps), "all": range(num_steps)}
+    return {
+        "early": range(0, cut1),
+        "middle": range(cut1, cut2),
+        "late": range(cut2, num_steps),
+        "all": range(num_steps),
+    }
 
 
 def summarize(rows: list[list[float]]) -> dict:
@@ -139,8 +159,12 @@ def summarize(rows: list[list[float]]) -> dict:
         return {"n": 0}
     mean = np.mean(rows, axis=0)
     best = int(np.argmax(mean))
-    return {"n": len(rows), "miou_paper_tau": float(mean[THRESHOLDS.index(PAPER_TAU)]),
-            "best_tau": THRESHOLDS[best], "miou_best_tau": float(mean[best])}
+    return {
+        "n": len(rows),
+        "miou_paper_tau": float(mean[THRESHOLDS.index(PAPER_TAU)]),
+        "best_tau": THRESHOLDS[best],
+        "miou_best_tau": float(mean[best]),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,9 +183,17 @@ def optimise_shape_tokens(pipe, steps: int, guidance: float, epochs: int = 100) 
     for k, shape in enumerate(SHAPES):
         for attempt in range(6):
             prompt = f"a {colours[(k + attempt) % len(colours)]} {shape}"
-            run = lab.daam.trace_generation(pipe, prompt, seed=TOKEN_TRAINING_SEED + attempt, num_inference_steps=steps,
-                                            guidance_scale=guidance, per_step=True, open_vocabulary=True,
-                                            trajectory=False, self_attention_sites=None)
+            run = lab.daam.trace_generation(
+                pipe,
+                prompt,
+                seed=TOKEN_TRAINING_SEED + attempt,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                per_step=True,
+                open_vocabulary=True,
+                trajectory=False,
+                self_attention_sites=None,
+            )
             words, _ = words_to_score(prompt, run.image_arrays[0])
             truth = [item["truth"] for item in words if item["class"] == "shape"]
             if truth:
@@ -170,8 +202,15 @@ def optimise_shape_tokens(pipe, steps: int, guidance: float, epochs: int = 100) 
     return tokens
 
 
-def evaluate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float, batch: int,
-             optimised_tokens: dict | None = None) -> dict:
+def evaluate(
+    pipe,
+    prompts: list[str],
+    seeds: list[int],
+    steps: int,
+    guidance: float,
+    batch: int,
+    optimised_tokens: dict | None = None,
+) -> dict:
     jobs = [(prompt, seed) for prompt in prompts for seed in seeds]
     rows = defaultdict(list)  # method/class -> per-threshold IoU rows
     table = defaultdict(list)  # (step range, group) -> per-threshold IoU rows, object nouns only
@@ -181,9 +220,17 @@ def evaluate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
     for start in range(0, len(jobs), batch):
         chunk = jobs[start : start + batch]
         run = lab.daam.trace_generation(
-            pipe, [prompt for prompt, _ in chunk], generator=[torch.Generator().manual_seed(seed) for _, seed in chunk],
-            seed=None, num_inference_steps=steps, guidance_scale=guidance,
-            per_step=True, open_vocabulary=True, trajectory=False, self_attention_sites=None)
+            pipe,
+            [prompt for prompt, _ in chunk],
+            generator=[torch.Generator().manual_seed(seed) for _, seed in chunk],
+            seed=None,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            per_step=True,
+            open_vocabulary=True,
+            trajectory=False,
+            self_attention_sites=None,
+        )
         blob = gaussian_blob(run.image_size) if blob is None else blob
         uniform = np.ones(run.image_size, np.float32)
         groups = ["all"] + [name for name in run.site_groups if "x" in name]  # "all", then resolutions
@@ -197,8 +244,16 @@ def evaluate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
                 rows[("daam", word_class)].append(scores)
                 rows[("gaussian", word_class)].append(iou_per_threshold(blob, truth))
                 rows[("uniform", word_class)].append(iou_per_threshold(uniform, truth))
-                instances.append({"prompt": prompt, "seed": seed, "class": word_class, "word": word,
-                                  "occurrence": occurrence, "iou_paper_tau": scores[THRESHOLDS.index(PAPER_TAU)]})
+                instances.append(
+                    {
+                        "prompt": prompt,
+                        "seed": seed,
+                        "class": word_class,
+                        "word": word,
+                        "occurrence": occurrence,
+                        "iou_paper_tau": scores[THRESHOLDS.index(PAPER_TAU)],
+                    }
+                )
                 if word_class != "shape":
                     continue
                 ovam = run.open_vocab_map(word, image=image).normalized()  # attribution prompt: the word alone
@@ -230,7 +285,9 @@ def evaluate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
         "ovam_optimised_tokens": summarize(rows[("ovam_optimised", "shape")]),
         "daam_same_images_as_optimised": summarize(rows[("daam_where_token", "shape")]),
         "optimised_token_classes": sorted(optimised_tokens or {}),
-        "steps_by_resolution": {f"{range_name} | {group}": summarize(scores) for (range_name, group), scores in table.items()},
+        "steps_by_resolution": {
+            f"{range_name} | {group}": summarize(scores) for (range_name, group), scores in table.items()
+        },
         "instances": instances,
     }
 
@@ -259,24 +316,36 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| {word_class} | {row['truth']} | {daam['n']} | {row['skipped']} | {fmt(daam['miou_paper_tau'])} | "
             f"{fmt(daam['miou_best_tau'])} ({daam['best_tau']}) | {fmt(gaussian['miou_paper_tau'])} | "
-            f"{fmt(gaussian['miou_best_tau'])} ({gaussian['best_tau']}) | {fmt(uniform['miou_paper_tau'])} |")
+            f"{fmt(gaussian['miou_best_tau'])} ({gaussian['best_tau']}) | {fmt(uniform['miou_paper_tau'])} |"
+        )
     ovam = results["ovam_shape_word_alone"]
     if ovam["n"]:
-        lines += ["", f"Open-vocabulary maps (OVAM) of object nouns, attribution prompt = the word alone: "
-                      f"mIoU {fmt(ovam['miou_paper_tau'])} at tau=0.4, {fmt(ovam['miou_best_tau'])} at tau={ovam['best_tau']} "
-                      f"(n = {ovam['n']}; same truth as the shape row)."]
+        lines += [
+            "",
+            f"Open-vocabulary maps (OVAM) of object nouns, attribution prompt = the word alone: "
+            f"mIoU {fmt(ovam['miou_paper_tau'])} at tau=0.4, {fmt(ovam['miou_best_tau'])} at tau={ovam['best_tau']} "
+            f"(n = {ovam['n']}; same truth as the shape row).",
+        ]
     fitted, daam_same = results.get("ovam_optimised_tokens", {"n": 0}), results.get("daam_same_images_as_optimised", {})
     if fitted["n"]:
-        lines += ["", f"OVAM with token optimisation (one token per shape class, fitted on one training image each, "
-                      f"classes {', '.join(results['optimised_token_classes'])}): mIoU {fmt(fitted['miou_paper_tau'])} "
-                      f"at tau=0.4, {fmt(fitted['miou_best_tau'])} at tau={fitted['best_tau']} (n = {fitted['n']}); "
-                      f"DAAM on the same words: {fmt(daam_same['miou_paper_tau'])} at tau=0.4."]
+        lines += [
+            "",
+            f"OVAM with token optimisation (one token per shape class, fitted on one training image each, "
+            f"classes {', '.join(results['optimised_token_classes'])}): mIoU {fmt(fitted['miou_paper_tau'])} "
+            f"at tau=0.4, {fmt(fitted['miou_best_tau'])} at tau={fitted['best_tau']} (n = {fitted['n']}); "
+            f"DAAM on the same words: {fmt(daam_same['miou_paper_tau'])} at tau=0.4.",
+        ]
     table = results["steps_by_resolution"]
     if table:
         groups = list(dict.fromkeys(key.split(" | ")[1] for key in table))
-        lines += ["", "Object nouns (shape words), DAAM mIoU at tau=0.4 by step range (thirds of the schedule, "
-                      "early = noisiest) and cross-attention resolution group:", "",
-                  "| steps | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
+        lines += [
+            "",
+            "Object nouns (shape words), DAAM mIoU at tau=0.4 by step range (thirds of the schedule, "
+            "early = noisiest) and cross-attention resolution group:",
+            "",
+            "| steps | " + " | ".join(groups) + " |",
+            "|---|" + "---:|" * len(groups),
+        ]
         for range_name in ("early", "middle", "late", "all"):
             cells = [fmt(table.get(f"{range_name} | {group}", {}).get("miou_paper_tau")) for group in groups]
             lines.append(f"| {range_name} | " + " | ".join(cells) + " |")
@@ -285,7 +354,9 @@ def markdown(results: dict) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="pipeline folder or hub id (default: the embedded TinyWorld model)")
+    parser.add_argument(
+        "--model", default=None, help="pipeline folder or hub id (default: the embedded TinyWorld model)"
+    )
     parser.add_argument("--seeds", type=int, default=2, help="seeds per prompt (0, 1, ...)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0)
@@ -308,9 +379,15 @@ def main(argv=None) -> None:
     tokens = {} if args.no_token_optimisation else optimise_shape_tokens(pipe, args.steps, args.guidance)
     results = evaluate(pipe, prompts, seeds, args.steps, args.guidance, args.batch, tokens)
     results["settings"] = {
-        "model": args.model or "embedded TinyWorld (lab/models/tinyworld-sd)", "sets": args.sets, "prompts": len(prompts),
-        "seeds": seeds, "images": len(prompts) * len(seeds), "steps": args.steps, "guidance": args.guidance,
-        "thresholds": THRESHOLDS, "seconds": time.perf_counter() - started,
+        "model": args.model or "embedded TinyWorld (lab/models/tinyworld-sd)",
+        "sets": args.sets,
+        "prompts": len(prompts),
+        "seeds": seeds,
+        "images": len(prompts) * len(seeds),
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "thresholds": THRESHOLDS,
+        "seconds": time.perf_counter() - started,
         "machine": f"{platform.machine()} CPU, {args.threads} torch thread(s)",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

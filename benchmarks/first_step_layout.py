@@ -21,8 +21,11 @@ import lab
 from lab.tinyworld.evaluate import first_step_layout, mirrored, prompt_split
 
 RESULTS = Path(__file__).parent / "results"
-SHOWN = ["a small red circle left of a large blue square", "a large green star above a small yellow heart",
-         "a small orange triangle right of a small purple cross"]
+SHOWN = [
+    "a small red circle left of a large blue square",
+    "a large green star above a small yellow heart",
+    "a small orange triangle right of a small purple cross",
+]
 
 
 def main() -> None:
@@ -48,7 +51,8 @@ def main() -> None:
         f"| {held_out['n_read']} | {held_out['right_side']:.1%} | {held_out['mirrored']:.1%} "
         f"| {held_out['median_offset_px']:+.1f} px |\n\n"
         "![decoded first-step estimates: each prompt next to its mirror](first_step_layout.png)\n\n"
-        f"```json\n{json.dumps(held_out, indent=1)}\n```\n")
+        f"```json\n{json.dumps(held_out, indent=1)}\n```\n"
+    )
     print(json.dumps(held_out, indent=1))
 
 
@@ -61,8 +65,13 @@ def plot(images: list[np.ndarray], prompts: list[str], path: Path) -> None:
     fig, axes = plt.subplots(1, len(images), figsize=(2.1 * len(images), 2.6))
     for ax, image, prompt in zip(axes, images, prompts):
         ax.imshow(image, interpolation="nearest")
-        ax.set_title(prompt.replace(" left of", "\nleft of").replace(" right of", "\nright of")
-                     .replace(" above", "\nabove").replace(" below", "\nbelow"), fontsize=6)
+        ax.set_title(
+            prompt.replace(" left of", "\nleft of")
+            .replace(" right of", "\nright of")
+            .replace(" above", "\nabove")
+            .replace(" below", "\nbelow"),
+            fontsize=6,
+        )
         ax.axis("off")
     fig.suptitle("the model's clean-image estimate at the first sampling step", fontsize=8)
     fig.tight_layout()

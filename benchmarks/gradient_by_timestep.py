@@ -35,7 +35,9 @@ def main() -> None:
     report = args.out / "training_report.json"
     trained_with = json.loads(report.read_text())["args"] if report.exists() else {}
     prediction = args.prediction_type or trained_with.get("prediction_type", "v_prediction")
-    layout_weight = args.layout_weight if args.layout_weight is not None else float(trained_with.get("layout_weight", 1.0))
+    layout_weight = (
+        args.layout_weight if args.layout_weight is not None else float(trained_with.get("layout_weight", 1.0))
+    )
     zero_terminal_snr = trained_with.get("zero_terminal_snr", str(prediction == "v_prediction")) == "True"
     scheduler = tw_model.make_scheduler(prediction, zero_terminal_snr=zero_terminal_snr)
     unet, text_encoder = tw_model.make_unet(), tw_model.make_text_encoder()
@@ -49,14 +51,21 @@ def main() -> None:
     tokenizer = tw_model.make_tokenizer()
     snr = scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)
     rng = np.random.default_rng(0)
-    print(f"{args.out} at step {step}: {prediction}, zero-terminal SNR {zero_terminal_snr}, layout weight {layout_weight}\n")
+    print(
+        f"{args.out} at step {step}: {prediction}, zero-terminal SNR {zero_terminal_snr}, layout weight {layout_weight}\n"
+    )
     print("| timesteps | weighted loss | UNet gradient norm |\n|---|---|---|")
     for low in range(0, 1000, 100):
         losses, norms = [], []
         for _ in range(args.batches):
             idx = rng.choice(len(latents), 32, replace=False)
-            ids = tokenizer([train.caption(scenes[i], rng) for i in idx], padding="max_length", max_length=77,
-                            truncation=True, return_tensors="pt").input_ids
+            ids = tokenizer(
+                [train.caption(scenes[i], rng) for i in idx],
+                padding="max_length",
+                max_length=77,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
             x0 = latents[idx].float() * scaling
             noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(int(rng.integers(2**31))))
             t = torch.from_numpy(rng.integers(low, low + 100, 32))
@@ -67,7 +76,7 @@ def main() -> None:
             unet.zero_grad()
             loss.backward()
             losses.append(loss.item())
-            norms.append(torch.sqrt(sum((q.grad ** 2).sum() for q in unet.parameters())).item())
+            norms.append(torch.sqrt(sum((q.grad**2).sum() for q in unet.parameters())).item())
         print(f"| {low}–{low + 99} | {np.mean(losses):.4f} | {np.mean(norms):.3f} |")
 
 

@@ -35,8 +35,11 @@ def main() -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a results file that holds a person's readings")
     args = p.parse_args()
     results = RESULTS / "judge_vs_reading.json"
-    if results.exists() and not args.overwrite and any(
-            r.get("reading") is not None for r in json.loads(results.read_text())["images"]):
+    if (
+        results.exists()
+        and not args.overwrite
+        and any(r.get("reading") is not None for r in json.loads(results.read_text())["images"])
+    ):
         p.error(f"{results} holds readings made by eye; pass --overwrite to replace them with a new, unread sheet")
     torch.set_num_threads(args.threads)
     pipe = lab.load_pipeline(args.model)
@@ -46,20 +49,34 @@ def main() -> None:
     records, tiles = [], []
     for i, (name, prompt) in enumerate(items):
         generator = torch.Generator().manual_seed(args.seed)
-        image = pipe(prompt, num_inference_steps=20, guidance_scale=5.0, generator=generator, output_type="np").images[0]
+        image = pipe(prompt, num_inference_steps=20, guidance_scale=5.0, generator=generator, output_type="np").images[
+            0
+        ]
         image = (image * 255).round().astype(np.uint8)
         tiles.append(np.pad(image, ((2, 2), (2, 2), (0, 0))))
         score = judge.score_prompt(prompt, image)
-        records.append({"image": i, "set": name, "prompt": prompt,
-                        "judge": [f"{d.texture} {d.color} {d.shape}" for d in judge.read_image(image).objects],
-                        "judge_all_present": bool(score["all_present"]), "reading": None})
-    rows = [np.concatenate(tiles[k:k + 6], 1) for k in range(0, len(tiles), 6)]
+        records.append(
+            {
+                "image": i,
+                "set": name,
+                "prompt": prompt,
+                "judge": [f"{d.texture} {d.color} {d.shape}" for d in judge.read_image(image).objects],
+                "judge_all_present": bool(score["all_present"]),
+                "reading": None,
+            }
+        )
+    rows = [np.concatenate(tiles[k : k + 6], 1) for k in range(0, len(tiles), 6)]
     sheet = np.concatenate(rows, 0)
     RESULTS.mkdir(exist_ok=True)
     Image.fromarray(sheet).resize((sheet.shape[1] * 4, sheet.shape[0] * 4), Image.NEAREST).save(
-        RESULTS / "judge_vs_reading_sheet.png")
-    results.write_text(json.dumps(
-        {"model": args.model or "embedded", "seed": args.seed, "steps": 20, "guidance": 5.0, "images": records}, indent=1))
+        RESULTS / "judge_vs_reading_sheet.png"
+    )
+    results.write_text(
+        json.dumps(
+            {"model": args.model or "embedded", "seed": args.seed, "steps": 20, "guidance": 5.0, "images": records},
+            indent=1,
+        )
+    )
     print(f"wrote {RESULTS / 'judge_vs_reading_sheet.png'} and judge_vs_reading.json ({len(records)} images)")
 
 

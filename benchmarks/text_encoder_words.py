@@ -30,10 +30,15 @@ def load_text_encoder(source: str):
 
         return CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder")
     if path.is_dir():
-        candidates = [path / "unet_final" / "text_encoder_ema.safetensors", path / "unet_ckpt" / "text_encoder_ema.safetensors"]
+        candidates = [
+            path / "unet_final" / "text_encoder_ema.safetensors",
+            path / "unet_ckpt" / "text_encoder_ema.safetensors",
+        ]
         path = next((c for c in candidates if c.exists()), None)
         if path is None:
-            raise SystemExit(f"{source}: no text encoder found (a pipeline folder, a training folder or a .safetensors file)")
+            raise SystemExit(
+                f"{source}: no text encoder found (a pipeline folder, a training folder or a .safetensors file)"
+            )
     text_encoder = tw_model.make_text_encoder()
     text_encoder.load_state_dict(load_file(str(path)))
     return text_encoder
@@ -46,7 +51,9 @@ def mean_similarity(text_encoder, prompts: list[str], position) -> float:
     ids = tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
     hidden = text_encoder.eval()(ids)[0]
     rows = torch.arange(len(prompts))
-    columns = (ids == tokenizer.eos_token_id).int().argmax(1) if position == "eos" else torch.full((len(prompts),), position)
+    columns = (
+        (ids == tokenizer.eos_token_id).int().argmax(1) if position == "eos" else torch.full((len(prompts),), position)
+    )
     vectors = torch.nn.functional.normalize(hidden[rows, columns], dim=-1)
     similarity = vectors @ vectors.T
     return float(similarity[~torch.eye(len(prompts), dtype=torch.bool)].mean())

@@ -37,10 +37,22 @@ def main() -> None:
         for weight in (0.0, 4.0):
             with tempfile.TemporaryDirectory() as tmp:
                 started = time.time()
-                train.train_unet(Path(tmp), cached["latents"], float(cached["scaling_factor"]), scenes, args.steps, 32,
-                                 6e-4, 0, "cpu", layout_weight=1.0, masks=masks, grounding_weight=0.1,
-                                 frozen_text_encoder=args.out / "text_encoder_pretrained.safetensors",
-                                 object_weight=weight)
+                train.train_unet(
+                    Path(tmp),
+                    cached["latents"],
+                    float(cached["scaling_factor"]),
+                    scenes,
+                    args.steps,
+                    32,
+                    6e-4,
+                    0,
+                    "cpu",
+                    layout_weight=1.0,
+                    masks=masks,
+                    grounding_weight=0.1,
+                    frozen_text_encoder=args.out / "text_encoder_pretrained.safetensors",
+                    object_weight=weight,
+                )
                 print(f"--unet-object-weight {weight:g}: {(time.time() - started) / args.steps:.3f} s/step")
 
 

@@ -42,18 +42,24 @@ def main() -> None:
     p.add_argument("sources", nargs="+")
     p.add_argument("--n", type=int, default=30, help="scenes per texture and size")
     args = p.parse_args()
-    cases = [(texture, size) for texture in TEXTURES if texture != "plain" for size in SIZES]  # prompts leave "plain" unsaid
+    cases = [
+        (texture, size) for texture in TEXTURES if texture != "plain" for size in SIZES
+    ]  # prompts leave "plain" unsaid
     print("| VAE | " + " | ".join(f"{t}, {s}" for t, s in cases) + " |")
     print("|---|" + "---:|" * len(cases))
     rows = {"rendered (no VAE)": None, **{source: load_vae(source) for source in args.sources}}
     for name, vae in rows.items():
         cells = []
         for k, (texture, size) in enumerate(cases):
-            scenes = [sample_scene(SEED + 1000 * k + i, n_objects=1, texture=texture, size_label=size) for i in range(args.n)]
+            scenes = [
+                sample_scene(SEED + 1000 * k + i, n_objects=1, texture=texture, size_label=size) for i in range(args.n)
+            ]
             images = np.stack([render(scene).image for scene in scenes])
             images = images if vae is None else round_trip(vae, images)
             scores = [score_prompt(fixed_caption(scene), image)["objects"][0] for scene, image in zip(scenes, images)]
-            cells.append(f"{np.mean([s['texture'] for s in scores]):.0%} ({np.mean([s['present'] for s in scores]):.0%})")
+            cells.append(
+                f"{np.mean([s['texture'] for s in scores]):.0%} ({np.mean([s['present'] for s in scores]):.0%})"
+            )
         print(f"| {name} | " + " | ".join(cells) + " |")
     print("\nEach cell: texture read right (shape and colour read right).")
 

@@ -15,24 +15,33 @@ edits), lab.diffusion (schedules, DDIM steps, guidance, VAE and prompt encoding)
 
 __version__ = "0.1.0"
 
-from lab import hooks, tokens
-from lab.hooks import Mean, Stack, Sum, TopK, active_hooks, remove_all_hooks, scale_tokens, select_sites, sites, trace
-from lab.pipelines import load_pipeline
-from lab.tokens import prompt_tokens, token_indices
-from lab import daam, diffusion, heatmap, ovam, results, weights
+from lab import daam, diffusion, heatmap, hooks, ovam, results, tokens, weights
 
-# Reachable as lab.<Name> since before __all__ existed; their home is the module named.
+# The types imported below outside __all__ (Capture, Site, AttributionRun, ...) have been reachable as
+# lab.<Name> since before __all__ existed; their home is the module they come from.
+from lab.daam import AttributionRun, HeatMap, OptimizedToken  # noqa: F401
 from lab.hooks import (  # noqa: F401
     Capture,
     CaptureTooLarge,
     Edit,
     ExplicitAttnProcessor,
+    Mean,
     MemoryEstimate,
     Site,
+    Stack,
     StepContext,
+    Sum,
+    TopK,
     Trace,
+    active_hooks,
+    remove_all_hooks,
+    scale_tokens,
+    select_sites,
+    sites,
+    trace,
 )
-from lab.daam import AttributionRun, HeatMap, OptimizedToken  # noqa: F401
+from lab.pipelines import load_pipeline
+from lab.tokens import prompt_tokens, token_indices
 
 __all__ = [
     # verbs

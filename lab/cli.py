@@ -1,9 +1,9 @@
 """The `sdlab` command.
 
-    sdlab lab                  open JupyterLab on the curated notebooks (embedded TinyWorld model)
-    sdlab demo                 run the tour notebook headless and write an executed HTML copy
-    sdlab tinyworld train      train the embedded model from scratch (resumable)
-    sdlab tinyworld eval       measure the judge and the model on TinyWorld's fixed splits
+sdlab lab                  open JupyterLab on the curated notebooks (embedded TinyWorld model)
+sdlab demo                 run the tour notebook headless and write an executed HTML copy
+sdlab tinyworld train      train the embedded model from scratch (resumable)
+sdlab tinyworld eval       measure the judge and the model on TinyWorld's fixed splits
 """
 
 from __future__ import annotations

@@ -156,11 +156,13 @@ def _low_resolution_self_attention(pipe) -> Callable[[Site], bool]:
 # ----------------------------------------------------------------------------------------------
 
 
-def predicted_clean_latents(sample: torch.Tensor, model_output: torch.Tensor, alpha_bar: float,
-                            prediction_type: str) -> torch.Tensor:
+def predicted_clean_latents(
+    sample: torch.Tensor, model_output: torch.Tensor, alpha_bar: float, prediction_type: str
+) -> torch.Tensor:
     """x0_hat from the UNet's input x_t and its (guided) prediction: lab.diffusion.predicted_x0."""
-    return diffusion.predicted_x0(model_output=model_output, sample=sample, alpha_bar=alpha_bar,
-                                  prediction_type=prediction_type)
+    return diffusion.predicted_x0(
+        model_output=model_output, sample=sample, alpha_bar=alpha_bar, prediction_type=prediction_type
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,13 +193,28 @@ class TracedSite:
         return Site(self.name, self.kind, self.place, self.level, None)
 
 
-def trace(pipe, *, per_step: bool = False, open_vocabulary: bool | None = None, trajectory: bool | None = None,
-          sites="cross", self_attention_sites="auto", downsample: int | None = None,
-          memory_limit: int | None = hooks.DEFAULT_MEMORY_LIMIT) -> "AttributionTrace":
+def trace(
+    pipe,
+    *,
+    per_step: bool = False,
+    open_vocabulary: bool | None = None,
+    trajectory: bool | None = None,
+    sites="cross",
+    self_attention_sites="auto",
+    downsample: int | None = None,
+    memory_limit: int | None = hooks.DEFAULT_MEMORY_LIMIT,
+) -> "AttributionTrace":
     """Record attribution maps of the pipeline call run inside `with`; see AttributionTrace."""
-    return AttributionTrace(pipe, per_step=per_step, open_vocabulary=open_vocabulary, trajectory=trajectory,
-                            sites=sites, self_attention_sites=self_attention_sites, downsample=downsample,
-                            memory_limit=memory_limit)
+    return AttributionTrace(
+        pipe,
+        per_step=per_step,
+        open_vocabulary=open_vocabulary,
+        trajectory=trajectory,
+        sites=sites,
+        self_attention_sites=self_attention_sites,
+        downsample=downsample,
+        memory_limit=memory_limit,
+    )
 
 
 class AttributionTrace:
@@ -221,8 +238,18 @@ class AttributionTrace:
     `with` block per pipeline call; result(prompt, images=...) gives the AttributionRun.
     """
 
-    def __init__(self, pipe, *, per_step=False, open_vocabulary=None, trajectory=None, sites="cross",
-                 self_attention_sites="auto", downsample=None, memory_limit=hooks.DEFAULT_MEMORY_LIMIT):
+    def __init__(
+        self,
+        pipe,
+        *,
+        per_step=False,
+        open_vocabulary=None,
+        trajectory=None,
+        sites="cross",
+        self_attention_sites="auto",
+        downsample=None,
+        memory_limit=hooks.DEFAULT_MEMORY_LIMIT,
+    ):
         if not hasattr(pipe, "unet") or not hasattr(pipe, "vae"):
             raise TypeError(f"expected a diffusers Stable Diffusion pipeline, got {type(pipe).__name__}")
         if downsample is not None and (not isinstance(downsample, int) or downsample < 1):
@@ -255,7 +282,9 @@ class AttributionTrace:
                 self_reduce = Stack(over=("heads",), downsample=downsample) if self.per_step else running_mean
                 self._self = self._trace.capture(self.self_selector, "probs", reduce=self_reduce, cfg="cond")
             if self.open_vocabulary:
-                self._queries = self._trace.capture(self.cross_selector, "q", reduce=Stack(downsample=downsample), cfg="cond")
+                self._queries = self._trace.capture(
+                    self.cross_selector, "q", reduce=Stack(downsample=downsample), cfg="cond"
+                )
             if self.trajectory:
                 # The denoising step's input x_t and prediction, both CFG halves: x0_hat needs the guided one.
                 self._unet_input = self._trace.capture("unet", "input", reduce=Stack(), cfg="both")
@@ -277,11 +306,17 @@ class AttributionTrace:
         if getattr(pipe, "do_classifier_free_guidance", False):
             # The pipeline's own guidance, rows [uncond, cond]; both halves of the input are the same x_t.
             uncond, cond = prediction.chunk(2)
-            prediction = diffusion.guided_prediction(uncond, cond, pipe.guidance_scale, getattr(pipe, "guidance_rescale", 0.0))
+            prediction = diffusion.guided_prediction(
+                uncond, cond, pipe.guidance_scale, getattr(pipe, "guidance_rescale", 0.0)
+            )
             sample = sample.chunk(2)[1]
         alpha_bar = diffusion.input_alpha_bar(pipe.scheduler, ctx.step, ctx.timestep)
-        return diffusion.predicted_x0(model_output=prediction, sample=sample, alpha_bar=alpha_bar,
-                                      prediction_type=pipe.scheduler.config.prediction_type)
+        return diffusion.predicted_x0(
+            model_output=prediction,
+            sample=sample,
+            alpha_bar=alpha_bar,
+            prediction_type=pipe.scheduler.config.prediction_type,
+        )
 
     # -- the result -----------------------------------------------------------------------------
 
@@ -300,7 +335,8 @@ class AttributionTrace:
             raise RuntimeError(
                 f"the UNet ran {len(timesteps)} times with timesteps {timesteps}: that is more than one "
                 "generation (or a loop calling the UNet twice per step). Use one `with lab.daam.trace(pipe)` "
-                "per pipeline call.")
+                "per pipeline call."
+            )
         latent_size = contexts[0].latent_size
         cross = self._cross.result()
         rows = next(iter(cross.values())).shape[1 if self.per_step else 0]
@@ -313,8 +349,16 @@ class AttributionTrace:
                 continue
             for name in capture.result():
                 site, attn = all_sites[name], all_sites[name].module
-                traced[name] = TracedSite(name, site.kind, site.place, site.level, attn.heads,
-                                          site.spatial_size(latent_size), capture.sizes[name], float(attn.scale))
+                traced[name] = TracedSite(
+                    name,
+                    site.kind,
+                    site.place,
+                    site.level,
+                    attn.heads,
+                    site.spatial_size(latent_size),
+                    capture.sizes[name],
+                    float(attn.scale),
+                )
 
         image_array = as_uint8_images(images)
         vae_factor = getattr(self.pipe, "vae_scale_factor", 8)
@@ -325,10 +369,16 @@ class AttributionTrace:
         x0_images = None
         if self.trajectory:
             inputs, outputs = self._unet_input["unet"], self._unet_output["unet"]  # (steps, rows, channels, h, w)
-            x0_latents = torch.stack([self._guided_clean_latents(sample, prediction, ctx) for sample, prediction, ctx
-                                      in zip(inputs, outputs, self._unet_input.contexts)])  # (steps, images, ...)
+            x0_latents = torch.stack(
+                [
+                    self._guided_clean_latents(sample, prediction, ctx)
+                    for sample, prediction, ctx in zip(inputs, outputs, self._unet_input.contexts)
+                ]
+            )  # (steps, images, ...)
             steps, batch = x0_latents.shape[:2]
-            x0_images = diffusion.decode_latents(self.pipe, x0_latents.flatten(0, 1), output_type="np", chunk=8).reshape(steps, batch, *image_size, 3)
+            x0_images = diffusion.decode_latents(
+                self.pipe, x0_latents.flatten(0, 1), output_type="np", chunk=8
+            ).reshape(steps, batch, *image_size, 3)
 
         run = AttributionRun(
             prompts=prompts,
@@ -391,9 +441,24 @@ class AttributionRun(Result):
     METADATA_FILE = "run.json"
     TENSORS_FILE = "maps.safetensors"
 
-    def __init__(self, *, prompts, sites, timesteps, latent_size, image_size, per_step, cross_attention,
-                 self_attention=None, queries=None, images=None, x0_images=None, settings=None,
-                 tokenizer=None, pipe=None):
+    def __init__(
+        self,
+        *,
+        prompts,
+        sites,
+        timesteps,
+        latent_size,
+        image_size,
+        per_step,
+        cross_attention,
+        self_attention=None,
+        queries=None,
+        images=None,
+        x0_images=None,
+        settings=None,
+        tokenizer=None,
+        pipe=None,
+    ):
         self.prompts: list[str] = list(prompts)
         self.sites: dict[str, TracedSite] = dict(sites)
         self.timesteps: list[float] = [float(t) for t in timesteps]
@@ -419,8 +484,10 @@ class AttributionRun(Result):
         kept += ["self-attention"] * bool(self.self_attention) + ["queries"] * bool(self.queries)
         kept += ["trajectory"] * (self.x0_images is not None)
         height, width = self.image_size
-        return (f"<AttributionRun {self.num_images} image(s) {width}x{height}, {self.num_steps} steps, "
-                f"{len(self.cross_attention)} cross-attention layers ({', '.join(kept)})>")
+        return (
+            f"<AttributionRun {self.num_images} image(s) {width}x{height}, {self.num_steps} steps, "
+            f"{len(self.cross_attention)} cross-attention layers ({', '.join(kept)})>"
+        )
 
     # -- what is in it ------------------------------------------------------------------------
 
@@ -459,8 +526,10 @@ class AttributionRun(Result):
         """The decoded x0_hat at every step: run.x0[image][step] (a PIL image)."""
         if self.x0_images is None:
             raise ValueError("the trajectory was not recorded: trace with per_step=True or trajectory=True")
-        return [[Image.fromarray(self.x0_images[step, image]) for step in range(self.num_steps)]
-                for image in range(self.num_images)]
+        return [
+            [Image.fromarray(self.x0_images[step, image]) for step in range(self.num_steps)]
+            for image in range(self.num_images)
+        ]
 
     def tokens(self, image: int = 0) -> list[tuple[int, str]]:
         """(position, token) of the image's prompt as the text encoder sees it."""
@@ -482,8 +551,9 @@ class AttributionRun(Result):
 
     # -- DAAM ---------------------------------------------------------------------------------
 
-    def heat_map(self, word: str, image: int = 0, steps=None, sites=None, heads=None,
-                 occurrence: int | None = None) -> HeatMap:
+    def heat_map(
+        self, word: str, image: int = 0, steps=None, sites=None, heads=None, occurrence: int | None = None
+    ) -> HeatMap:
         """The DAAM heat map of `word` (a word or phrase of the image's prompt).
 
         steps       None (all), a step number, a range/slice or a list of step numbers (0-based, in
@@ -517,8 +587,17 @@ class AttributionRun(Result):
 
     # -- open-vocabulary maps (OVAM) ----------------------------------------------------------
 
-    def open_vocab_map(self, word: "str | OptimizedToken", attribution_prompt: str | None = None, image: int = 0,
-                       steps=None, sites=None, heads=None, occurrence: int | None = None, pipe=None) -> HeatMap:
+    def open_vocab_map(
+        self,
+        word: "str | OptimizedToken",
+        attribution_prompt: str | None = None,
+        image: int = 0,
+        steps=None,
+        sites=None,
+        heads=None,
+        occurrence: int | None = None,
+        pipe=None,
+    ) -> HeatMap:
         """The OVAM map of `word`, which need not be in the generation prompt (see lab.ovam).
 
         word                a word, or an OptimizedToken from optimize_token (then attribution_prompt
@@ -530,15 +609,27 @@ class AttributionRun(Result):
         """
         return ovam.open_vocab_map(self, word, attribution_prompt, image, steps, sites, heads, occurrence, pipe)
 
-    def optimize_token(self, word: str, mask, attribution_prompt: str | None = None, image: int = 0, steps=None,
-                       sites=None, heads=None, occurrence: int | None = None, epochs: int = 100, lr: float = 0.05,
-                       pipe=None, progress: bool = True) -> "OptimizedToken":
+    def optimize_token(
+        self,
+        word: str,
+        mask,
+        attribution_prompt: str | None = None,
+        image: int = 0,
+        steps=None,
+        sites=None,
+        heads=None,
+        occurrence: int | None = None,
+        epochs: int = 100,
+        lr: float = 0.05,
+        pipe=None,
+        progress: bool = True,
+    ) -> "OptimizedToken":
         """OVAM's token optimisation: fit the word's text embedding so its open-vocabulary map matches
         `mask` on this image; `other_run.open_vocab_map(token)` then segments the concept elsewhere.
         See lab.ovam.optimize_token for the arguments and the loss."""
-        return ovam.optimize_token(self, word, mask, attribution_prompt, image, steps, sites, heads, occurrence,
-                                   epochs, lr, pipe, progress)
-
+        return ovam.optimize_token(
+            self, word, mask, attribution_prompt, image, steps, sites, heads, occurrence, epochs, lr, pipe, progress
+        )
 
     def self_attention_map(self, x: float, y: float, image: int = 0, steps=None, sites=None) -> HeatMap:
         """Where the image attends from pixel (x, y) (x right, y down, image coordinates).
@@ -552,7 +643,9 @@ class AttributionRun(Result):
         image = self._image_index(image)
         height, width = self.image_size
         if not (0 <= x < width and 0 <= y < height):
-            raise ValueError(f"pixel (x={x}, y={y}) is outside the {width}x{height} image (0 <= x < {width}, 0 <= y < {height})")
+            raise ValueError(
+                f"pixel (x={x}, y={y}) is outside the {width}x{height} image (0 <= x < {width}, 0 <= y < {height})"
+            )
         names = self._resolve_sites(sites, "self")
         step_index = self._step_index(steps, self.per_step)
         sums, terms = {}, 0.0
@@ -635,7 +728,9 @@ class AttributionRun(Result):
         if not per_step:
             if sorted(set(chosen)) == every:
                 return slice(None)
-            raise ValueError("per-step maps were not stored (running means only): trace with per_step=True to choose steps")
+            raise ValueError(
+                "per-step maps were not stored (running means only): trace with per_step=True to choose steps"
+            )
         if chosen == list(range(chosen[0], chosen[-1] + 1)):
             return slice(chosen[0], chosen[-1] + 1)  # a view, no copy
         return chosen
@@ -652,12 +747,16 @@ class AttributionRun(Result):
             raise ValueError(f"heads={heads!r} is empty")
         outside = [head for head in chosen if not 0 <= head < site.heads]
         if outside:
-            raise ValueError(f"heads {outside} are out of range for {site.name}, which has {site.heads} heads "
-                             f"(run.num_heads gives the valid count per layer group)")
+            raise ValueError(
+                f"heads {outside} are out of range for {site.name}, which has {site.heads} heads "
+                f"(run.num_heads gives the valid count per layer group)"
+            )
         if not per_step:
             if sorted(set(chosen)) == list(range(site.heads)):
                 return slice(None)
-            raise ValueError("per-head maps were not stored (running means only): trace with per_step=True to choose heads")
+            raise ValueError(
+                "per-head maps were not stored (running means only): trace with per_step=True to choose heads"
+            )
         return chosen
 
     def _resolve_sites(self, selector, kind: str) -> list[str]:
@@ -676,12 +775,16 @@ class AttributionRun(Result):
         for name, tensor in self.cross_attention.items():
             batch = tensor.shape[1] if self.per_step else tensor.shape[0]
             if batch != self.num_images or (self.per_step and tensor.shape[0] != self.num_steps):
-                raise RuntimeError(f"{name}: recorded maps of shape {tuple(tensor.shape)} do not match "
-                                   f"{self.num_steps} steps x {self.num_images} images")
+                raise RuntimeError(
+                    f"{name}: recorded maps of shape {tuple(tensor.shape)} do not match "
+                    f"{self.num_steps} steps x {self.num_images} images"
+                )
         for name, tensor in self.queries.items():
             if tuple(tensor.shape[:2]) != (self.num_steps, self.num_images):
-                raise RuntimeError(f"{name}: recorded queries of shape {tuple(tensor.shape)} do not match "
-                                   f"{self.num_steps} steps x {self.num_images} images")
+                raise RuntimeError(
+                    f"{name}: recorded queries of shape {tuple(tensor.shape)} do not match "
+                    f"{self.num_steps} steps x {self.num_images} images"
+                )
 
     # -- saving and loading ---------------------------------------------------------------------
 
@@ -699,9 +802,15 @@ class AttributionRun(Result):
             "latent_size": list(self.latent_size),
             "image_size": list(self.image_size),
             "per_step": self.per_step,
-            "sites": [dict(site.__dict__, attention_size=list(site.attention_size), grid=list(site.grid))
-                      for site in self.sites.values()],
-            "order": {"cross": list(self.cross_attention), "self": list(self.self_attention), "queries": list(self.queries)},
+            "sites": [
+                dict(site.__dict__, attention_size=list(site.attention_size), grid=list(site.grid))
+                for site in self.sites.values()
+            ],
+            "order": {
+                "cross": list(self.cross_attention),
+                "self": list(self.self_attention),
+                "queries": list(self.queries),
+            },
             "settings": self.settings,
         }
         return metadata, tensors
@@ -772,8 +881,10 @@ def _select_traced(pool: list[TracedSite], selector, kind: str, latent_size: tup
     try:
         chosen = hooks.select_sites([site.as_lab_site() for site in pool], lab_selector(selector), latent_size)
     except ValueError as error:
-        raise ValueError(f"sites={selector!r} picks none of the recorded {kind}-attention layers: {error} "
-                         f"Valid groups: {', '.join(_site_groups(pool))}.") from None
+        raise ValueError(
+            f"sites={selector!r} picks none of the recorded {kind}-attention layers: {error} "
+            f"Valid groups: {', '.join(_site_groups(pool))}."
+        ) from None
     return [site.name for site in chosen]
 
 
@@ -789,17 +900,28 @@ def _as_int_list(value, argument: str) -> list[int]:
     return [int(v) for v in values]
 
 
-
 # ----------------------------------------------------------------------------------------------
 # One call: generate and trace
 # ----------------------------------------------------------------------------------------------
 
 
-def trace_generation(pipe, prompt: str | list[str], *, seed: int | None = 0, num_inference_steps: int | None = None,
-                     guidance_scale: float | None = None, per_step: bool = False, open_vocabulary: bool | None = None,
-                     trajectory: bool | None = None, sites="cross", self_attention_sites="auto",
-                     downsample: int | None = None, memory_limit: int | None = hooks.DEFAULT_MEMORY_LIMIT,
-                     callback: Callable[[int, int], None] | None = None, **pipe_kwargs) -> AttributionRun:
+def trace_generation(
+    pipe,
+    prompt: str | list[str],
+    *,
+    seed: int | None = 0,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    per_step: bool = False,
+    open_vocabulary: bool | None = None,
+    trajectory: bool | None = None,
+    sites="cross",
+    self_attention_sites="auto",
+    downsample: int | None = None,
+    memory_limit: int | None = hooks.DEFAULT_MEMORY_LIMIT,
+    callback: Callable[[int, int], None] | None = None,
+    **pipe_kwargs,
+) -> AttributionRun:
     """Generate with `pipe` and return the AttributionRun of the generation.
 
         run = lab.daam.trace_generation(pipe, "a red circle left of a blue square", seed=0)
@@ -813,8 +935,9 @@ def trace_generation(pipe, prompt: str | list[str], *, seed: int | None = 0, num
     Other keyword arguments go to the pipeline (height, width, negative_prompt,
     num_images_per_prompt, image= and strength= for image-to-image pipelines, ...).
     """
-    if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int)
-                                            or num_inference_steps < 1):
+    if num_inference_steps is not None and (
+        isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1
+    ):
         raise ValueError(f"num_inference_steps must be a positive int (e.g. 20), got {num_inference_steps!r}")
     kwargs = dict(pipe_kwargs)
     if num_inference_steps is not None:
@@ -825,9 +948,20 @@ def trace_generation(pipe, prompt: str | list[str], *, seed: int | None = 0, num
         kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
     if callback is not None:
         kwargs["callback_on_step_end"] = _with_progress(callback, kwargs.get("callback_on_step_end"))
-    settings = {"seed": seed, **{k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool)) or v is None}}
-    with trace(pipe, per_step=per_step, open_vocabulary=open_vocabulary, trajectory=trajectory, sites=sites,
-               self_attention_sites=self_attention_sites, downsample=downsample, memory_limit=memory_limit) as recording:
+    settings = {
+        "seed": seed,
+        **{k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, bool)) or v is None},
+    }
+    with trace(
+        pipe,
+        per_step=per_step,
+        open_vocabulary=open_vocabulary,
+        trajectory=trajectory,
+        sites=sites,
+        self_attention_sites=self_attention_sites,
+        downsample=downsample,
+        memory_limit=memory_limit,
+    ) as recording:
         output = pipe(prompt, **kwargs)
     return recording.result(prompt, images=output.images, settings=settings)
 

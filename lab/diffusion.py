@@ -30,9 +30,23 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["alpha_bar", "input_alpha_bar", "previous_timestep", "add_noise", "predicted_x0", "predicted_epsilon", "predicted_v",
-           "ddim_step", "ddim_invert_step", "guided_prediction", "decode_latents", "encode_image",
-           "PromptEmbeddings", "encode_prompt", "model_prediction"]
+__all__ = [
+    "alpha_bar",
+    "input_alpha_bar",
+    "previous_timestep",
+    "add_noise",
+    "predicted_x0",
+    "predicted_epsilon",
+    "predicted_v",
+    "ddim_step",
+    "ddim_invert_step",
+    "guided_prediction",
+    "decode_latents",
+    "encode_image",
+    "PromptEmbeddings",
+    "encode_prompt",
+    "model_prediction",
+]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -48,17 +62,23 @@ def alpha_bar(scheduler, timestep) -> torch.Tensor:
     initial_alpha_cumprod; 1.0 for the others, e.g. DDPM, Euler whose last sigma is 0).
     """
     if getattr(scheduler, "alphas_cumprod", None) is None:
-        raise TypeError(f"{type(scheduler).__name__} has no alphas_cumprod: lab.diffusion needs a scheduler of a "
-                        "discrete variance-preserving schedule (DDIM, DDPM, Euler, DPM-Solver...)")
+        raise TypeError(
+            f"{type(scheduler).__name__} has no alphas_cumprod: lab.diffusion needs a scheduler of a "
+            "discrete variance-preserving schedule (DDIM, DDPM, Euler, DPM-Solver...)"
+        )
     table = scheduler.alphas_cumprod.to("cpu", torch.float64)
     t = torch.as_tensor(timestep).cpu()
     if t.is_floating_point() and not torch.equal(t, t.round()):
-        raise ValueError(f"alpha_bar is defined at integer training timesteps, not at {t.tolist()} (a sigma "
-                         "schedule between training steps: its abar is 1 / (1 + sigma**2) of scheduler.sigmas)")
+        raise ValueError(
+            f"alpha_bar is defined at integer training timesteps, not at {t.tolist()} (a sigma "
+            "schedule between training steps: its abar is 1 / (1 + sigma**2) of scheduler.sigmas)"
+        )
     t = t.long()
     if (t >= len(table)).any():
-        raise ValueError(f"timestep {t.max().item()} is past the training schedule: timesteps run from 0 to "
-                         f"{len(table) - 1} (num_train_timesteps); a negative one means the step after the last")
+        raise ValueError(
+            f"timestep {t.max().item()} is past the training schedule: timesteps run from 0 to "
+            f"{len(table) - 1} (num_train_timesteps); a negative one means the step after the last"
+        )
     final = getattr(scheduler, "final_alpha_cumprod", getattr(scheduler, "initial_alpha_cumprod", 1.0))
     return torch.where(t < 0, torch.as_tensor(final, dtype=torch.float64), table[t.clamp(min=0)])
 
@@ -85,9 +105,11 @@ def previous_timestep(scheduler, timestep) -> int:
         raise ValueError("the scheduler has no schedule yet: call scheduler.set_timesteps(num_inference_steps) first")
     schedule, t = scheduler.timesteps.tolist(), float(timestep)
     if t not in schedule:
-        raise ValueError(f"timestep {timestep} is not in the scheduler's schedule {[int(s) for s in schedule]}; "
-                         "pass the timestep to go to explicitly (ddim_step's prev_timestep)")
-    lower = [s for s in schedule[schedule.index(t) + 1:] if s < t]
+        raise ValueError(
+            f"timestep {timestep} is not in the scheduler's schedule {[int(s) for s in schedule]}; "
+            "pass the timestep to go to explicitly (ddim_step's prev_timestep)"
+        )
+    lower = [s for s in schedule[schedule.index(t) + 1 :] if s < t]
     return int(lower[0]) if lower else -1
 
 
@@ -112,19 +134,22 @@ def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, timestep) -> tor
 
 def _check(prediction_type: str, signal, needs_signal: bool):
     if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}: one of {PREDICTION_TYPES} "
-                         "(scheduler.config.prediction_type)")
+        raise ValueError(
+            f"unknown prediction_type {prediction_type!r}: one of {PREDICTION_TYPES} (scheduler.config.prediction_type)"
+        )
     if needs_signal and bool((torch.as_tensor(signal) == 0).any()):
-        raise ValueError("abar = 0 (the first step of a zero-terminal-SNR schedule): x_t is pure noise, and an "
-                         "epsilon prediction there says nothing about x0. Such schedules need a v_prediction or "
-                         "sample model; or start at a timestep with abar > 0")
+        raise ValueError(
+            "abar = 0 (the first step of a zero-terminal-SNR schedule): x_t is pure noise, and an "
+            "epsilon prediction there says nothing about x0. Such schedules need a v_prediction or "
+            "sample model; or start at a timestep with abar > 0"
+        )
 
 
 def predicted_x0(model_output, sample, alpha_bar, prediction_type: str) -> torch.Tensor:
     """x0 implied by the model's output at x_t = sample:
-        epsilon:       x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)      (abar = 0 raises)
-        v_prediction:  x0 = sqrt(abar) x_t - sqrt(1 - abar) v
-        sample:        x0 = the output itself"""
+    epsilon:       x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)      (abar = 0 raises)
+    v_prediction:  x0 = sqrt(abar) x_t - sqrt(1 - abar) v
+    sample:        x0 = the output itself"""
     signal, noise = _signal_noise(alpha_bar, sample)
     _check(prediction_type, signal, prediction_type == "epsilon")
     if prediction_type == "epsilon":
@@ -136,9 +161,9 @@ def predicted_x0(model_output, sample, alpha_bar, prediction_type: str) -> torch
 
 def predicted_epsilon(model_output, sample, alpha_bar, prediction_type: str) -> torch.Tensor:
     """eps implied by the model's output at x_t = sample:
-        epsilon:       eps = the output itself
-        v_prediction:  eps = sqrt(abar) v + sqrt(1 - abar) x_t
-        sample:        eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)      (infinite at abar = 1)"""
+    epsilon:       eps = the output itself
+    v_prediction:  eps = sqrt(abar) v + sqrt(1 - abar) x_t
+    sample:        eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)      (infinite at abar = 1)"""
     signal, noise = _signal_noise(alpha_bar, sample)
     _check(prediction_type, signal, False)
     if prediction_type == "epsilon":
@@ -150,9 +175,9 @@ def predicted_epsilon(model_output, sample, alpha_bar, prediction_type: str) -> 
 
 def predicted_v(model_output, sample, alpha_bar, prediction_type: str) -> torch.Tensor:
     """v = sqrt(abar) eps - sqrt(1 - abar) x0 implied by the model's output at x_t = sample:
-        epsilon:       v = (eps - sqrt(1 - abar) x_t) / sqrt(abar)      (abar = 0 raises)
-        v_prediction:  v = the output itself
-        sample:        v = (sqrt(abar) x_t - x0) / sqrt(1 - abar)"""
+    epsilon:       v = (eps - sqrt(1 - abar) x_t) / sqrt(abar)      (abar = 0 raises)
+    v_prediction:  v = the output itself
+    sample:        v = (sqrt(abar) x_t - x0) / sqrt(1 - abar)"""
     signal, noise = _signal_noise(alpha_bar, sample)
     _check(prediction_type, signal, prediction_type == "epsilon")
     if prediction_type == "epsilon":
@@ -169,8 +194,10 @@ def _ddim_move(scheduler, sample, model_output, timestep, to_timestep) -> torch.
     """x_to = sqrt(abar_to) x0 + sqrt(1 - abar_to) eps, with x0 and eps from the output at `timestep`."""
     config = scheduler.config
     if config.get("thresholding", False):
-        raise ValueError("the scheduler has thresholding=True (dynamic thresholding of pixel-space models): "
-                         "lab.diffusion's DDIM does not implement it; use a scheduler config without it")
+        raise ValueError(
+            "the scheduler has thresholding=True (dynamic thresholding of pixel-space models): "
+            "lab.diffusion's DDIM does not implement it; use a scheduler config without it"
+        )
     abar = alpha_bar(scheduler, timestep)
     x0 = predicted_x0(model_output, sample, abar, config.prediction_type)
     eps = predicted_epsilon(model_output, sample, abar, config.prediction_type)
@@ -206,8 +233,10 @@ def ddim_invert_step(scheduler, sample, model_output, timestep, next_timestep) -
     t - num_train_timesteps // num_inference_steps and next_timestep = t: it is told the *target*
     timestep, and its inversion loops evaluate the UNet at that target t on the less noisy latents."""
     if float(next_timestep) <= float(timestep):
-        raise ValueError(f"ddim_invert_step goes up in noise: next_timestep ({next_timestep}) must be above "
-                         f"timestep ({timestep}); use ddim_step to denoise")
+        raise ValueError(
+            f"ddim_invert_step goes up in noise: next_timestep ({next_timestep}) must be above "
+            f"timestep ({timestep}); use ddim_step to denoise"
+        )
     return _ddim_move(scheduler, sample, model_output, timestep, next_timestep)
 
 
@@ -269,15 +298,17 @@ def decode_latents(pipe, latents: torch.Tensor, output_type: str = "np", chunk: 
             if getattr(config, "shift_factor", None) is not None:
                 latents = latents + config.shift_factor
         for start in range(0, len(latents), chunk):
-            decoded = vae.decode(latents[start:start + chunk].to(vae.device, vae.dtype), return_dict=False)[0]
+            decoded = vae.decode(latents[start : start + chunk].to(vae.device, vae.dtype), return_dict=False)[0]
             images.append(pipe.image_processor.postprocess(decoded, output_type=output_type))
     if output_type == "pil":
         return [image for part in images for image in part]
     return torch.cat(images) if output_type == "pt" else (np.concatenate(images) * 255).round().astype(np.uint8)
 
 
-_ACCEPTED_IMAGES = ("encode_image takes RGB PIL images, uint8 numpy arrays (H, W, 3) or (B, H, W, 3), or a float "
-                    "tensor (B, 3, H, W) in [-1, 1], with H and W multiples of pipe.vae_scale_factor")
+_ACCEPTED_IMAGES = (
+    "encode_image takes RGB PIL images, uint8 numpy arrays (H, W, 3) or (B, H, W, 3), or a float "
+    "tensor (B, 3, H, W) in [-1, 1], with H and W multiples of pipe.vae_scale_factor"
+)
 
 
 def _pixels(image, factor: int) -> torch.Tensor:
@@ -287,8 +318,10 @@ def _pixels(image, factor: int) -> torch.Tensor:
     if isinstance(image, (list, tuple)) and image and all(isinstance(i, Image.Image) for i in image):
         for im in image:  # RGBA needs a background and L a colour mapping: the caller's choice, not ours
             if im.mode != "RGB":
-                raise ValueError(f"{_ACCEPTED_IMAGES}; got a {im.mode} image: convert it first, e.g. "
-                                 "image.convert('RGB') (for RGBA, paste it onto the background you want)")
+                raise ValueError(
+                    f"{_ACCEPTED_IMAGES}; got a {im.mode} image: convert it first, e.g. "
+                    "image.convert('RGB') (for RGBA, paste it onto the background you want)"
+                )
         if len({im.size for im in image}) > 1:
             raise ValueError(f"the images differ in size ({sorted({im.size for im in image})}): a batch has one size")
         image = np.stack([np.asarray(im) for im in image])
@@ -297,17 +330,24 @@ def _pixels(image, factor: int) -> torch.Tensor:
         pixels = torch.from_numpy(array.astype(np.float32) / 255.0).permute(0, 3, 1, 2) * 2.0 - 1.0
     elif isinstance(image, torch.Tensor) and image.is_floating_point() and image.ndim == 4 and image.shape[1] == 3:
         if image.min() < -1 or image.max() > 1:
-            raise ValueError(f"{_ACCEPTED_IMAGES}; this tensor spans [{image.min():.3g}, {image.max():.3g}] "
-                             "(images in [0, 1]: pass x * 2 - 1)")
+            raise ValueError(
+                f"{_ACCEPTED_IMAGES}; this tensor spans [{image.min():.3g}, {image.max():.3g}] "
+                "(images in [0, 1]: pass x * 2 - 1)"
+            )
         pixels = image
     else:
-        got = f"a {image.dtype} {type(image).__name__} of shape {tuple(image.shape)}" if hasattr(image, "shape") \
+        got = (
+            f"a {image.dtype} {type(image).__name__} of shape {tuple(image.shape)}"
+            if hasattr(image, "shape")
             else type(image).__name__
+        )
         raise ValueError(f"{_ACCEPTED_IMAGES}; got {got}")
     height, width = pixels.shape[-2:]
     if height % factor or width % factor:
-        raise ValueError(f"{_ACCEPTED_IMAGES}; this one is {width}x{height}, not a multiple of {factor}: crop or "
-                         f"resize it, e.g. to {width // factor * factor}x{height // factor * factor}")
+        raise ValueError(
+            f"{_ACCEPTED_IMAGES}; this one is {width}x{height}, not a multiple of {factor}: crop or "
+            f"resize it, e.g. to {width // factor * factor}x{height // factor * factor}"
+        )
     return pixels
 
 
@@ -350,18 +390,23 @@ class PromptEmbeddings:
         size) = (height, width, 0, 0, height, width), or for pipelines with requires_aesthetics_score
         (the refiner) (height, width, 0, 0, aesthetic score 6.0; 2.5 for the uncond rows)."""
         if guidance and self.uncond is None:
-            raise ValueError("these embeddings have no unconditional half: encode them with "
-                             "encode_prompt(..., guidance=True), or call unet_inputs(..., guidance=False)")
+            raise ValueError(
+                "these embeddings have no unconditional half: encode them with "
+                "encode_prompt(..., guidance=True), or call unet_inputs(..., guidance=False)"
+            )
         halves = [True, False] if guidance else [False]  # is the half unconditional?
         inputs = {"encoder_hidden_states": torch.cat([self.uncond if u else self.cond for u in halves])}
         if pipe.unet.config.get("addition_embed_type") != "text_time":
             return inputs
         if self.pooled_cond is None:
-            raise ValueError("this UNet (SDXL) also needs the pooled text embeddings: encode the prompt with "
-                             "lab.diffusion.encode_prompt on this pipeline")
+            raise ValueError(
+                "this UNet (SDXL) also needs the pooled text embeddings: encode the prompt with "
+                "lab.diffusion.encode_prompt on this pipeline"
+            )
         pooled = torch.cat([self.pooled_uncond if u else self.pooled_cond for u in halves])
-        time_ids = torch.cat([_time_ids(pipe, height, width, self.pooled_cond, u).repeat(len(self.cond), 1)
-                              for u in halves])
+        time_ids = torch.cat(
+            [_time_ids(pipe, height, width, self.pooled_cond, u).repeat(len(self.cond), 1) for u in halves]
+        )
         return {**inputs, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
 
@@ -373,28 +418,41 @@ def _time_ids(pipe, height: int, width: int, pooled: torch.Tensor, uncond: bool)
     expected = pipe.unet.add_embedding.linear_1.in_features
     made = pipe.unet.config.addition_time_embed_dim * len(ids) + pooled.shape[-1]
     if made != expected:
-        raise ValueError(f"the UNet's added embedding takes {expected} numbers, but {len(ids)} time ids and a "
-                         f"{pooled.shape[-1]}-d pooled embedding make {made}: check the pipeline's "
-                         "requires_aesthetics_score (True only for SDXL refiners) and text_encoder_2")
+        raise ValueError(
+            f"the UNet's added embedding takes {expected} numbers, but {len(ids)} time ids and a "
+            f"{pooled.shape[-1]}-d pooled embedding make {made}: check the pipeline's "
+            "requires_aesthetics_score (True only for SDXL refiners) and text_encoder_2"
+        )
     return torch.tensor([ids], dtype=pooled.dtype, device=pooled.device)
 
 
-def encode_prompt(pipe, prompt: str | list[str], negative_prompt: str | list[str] | None = None, *,
-                  guidance: bool = True, num_images_per_prompt: int = 1, clip_skip: int | None = None
-                  ) -> PromptEmbeddings:
+def encode_prompt(
+    pipe,
+    prompt: str | list[str],
+    negative_prompt: str | list[str] | None = None,
+    *,
+    guidance: bool = True,
+    num_images_per_prompt: int = 1,
+    clip_skip: int | None = None,
+) -> PromptEmbeddings:
     """The prompt(s) through the pipeline's own encode_prompt (SD 1.x / 2.x and SDXL), under no_grad.
     With guidance the negative prompt is encoded too (None: the pipeline's choice, "" or, for SDXL with
     force_zeros_for_empty_prompt, zeros). SDXL's second text encoder gets the same prompts."""
     with torch.no_grad():
-        encoded = pipe.encode_prompt(prompt=prompt, device=getattr(pipe, "_execution_device", pipe.device),
-                                     num_images_per_prompt=num_images_per_prompt,
-                                     do_classifier_free_guidance=guidance, negative_prompt=negative_prompt,
-                                     clip_skip=clip_skip)
+        encoded = pipe.encode_prompt(
+            prompt=prompt,
+            device=getattr(pipe, "_execution_device", pipe.device),
+            num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=guidance,
+            negative_prompt=negative_prompt,
+            clip_skip=clip_skip,
+        )
     return PromptEmbeddings(*encoded)  # SD: (cond, uncond); SDXL: (cond, uncond, pooled_cond, pooled_uncond)
 
 
-def model_prediction(pipe, sample: torch.Tensor, timestep, conditioning, guidance_scale: float = 1.0,
-                     guidance_rescale: float = 0.0) -> torch.Tensor:
+def model_prediction(
+    pipe, sample: torch.Tensor, timestep, conditioning, guidance_scale: float = 1.0, guidance_rescale: float = 0.0
+) -> torch.Tensor:
     """The UNet's output for latents x_t = sample at `timestep`, guided when guidance_scale != 1:
         out = unet(scheduler.scale_model_input([x_t, x_t]), t, rows [uncond, cond])
         -> guided_prediction(out_uncond, out_cond, guidance_scale, guidance_rescale)
@@ -409,8 +467,10 @@ def model_prediction(pipe, sample: torch.Tensor, timestep, conditioning, guidanc
     rows, expected = len(conditioning["encoder_hidden_states"]), len(sample) * (2 if guided else 1)
     if rows != expected:
         layout = "two per latent, [uncond, cond], for guidance_scale != 1" if guided else "one per latent"
-        raise ValueError(f"the conditioning has {rows} rows for {len(sample)} latents; it needs {layout}: match "
-                         "encode_prompt's prompts x num_images_per_prompt, and unet_inputs' guidance, to the call")
+        raise ValueError(
+            f"the conditioning has {rows} rows for {len(sample)} latents; it needs {layout}: match "
+            "encode_prompt's prompts x num_images_per_prompt, and unet_inputs' guidance, to the call"
+        )
     model_input = torch.cat([sample, sample]) if guided else sample
     model_input = pipe.scheduler.scale_model_input(model_input, timestep)
     output = pipe.unet(model_input, timestep, **conditioning, return_dict=False)[0]

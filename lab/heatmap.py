@@ -37,8 +37,10 @@ class HeatMap:
     def __repr__(self):
         height, width = self.values.shape
         heads = "all heads" if self.heads is None else f"heads {list(self.heads)}"
-        return (f"<HeatMap {self.kind} {self.word!r} {width}x{height}: {len(self.steps)} steps, "
-                f"{len(self.sites)} layers, {heads}>")
+        return (
+            f"<HeatMap {self.kind} {self.word!r} {width}x{height}: {len(self.steps)} steps, "
+            f"{len(self.sites)} layers, {heads}>"
+        )
 
     def normalized(self) -> np.ndarray:
         """Min-max normalised to [0, 1], as DAAM's reference code does before thresholding (a weak,
@@ -79,8 +81,14 @@ class HeatMap:
         return ax
 
 
-def plot_grid(heat_maps: Iterable[HeatMap], ncols: int = 4, alpha: float = 0.5, cmap: str = "jet",
-              size: float = 2.5, with_image: bool = True):
+def plot_grid(
+    heat_maps: Iterable[HeatMap],
+    ncols: int = 4,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+    size: float = 2.5,
+    with_image: bool = True,
+):
     """Several heat maps side by side (e.g. one per word), the generated image first. Returns the figure."""
     import matplotlib.pyplot as plt
 
@@ -97,7 +105,7 @@ def plot_grid(heat_maps: Iterable[HeatMap], ncols: int = 4, alpha: float = 0.5, 
         axes[0].imshow(heat_maps[0].image)
         axes[0].set_title("image")
         axes[0].axis("off")
-    for ax, heat_map in zip(axes[int(show_image):], heat_maps):
+    for ax, heat_map in zip(axes[int(show_image) :], heat_maps):
         heat_map.plot(ax, alpha=alpha, cmap=cmap)
     for ax in axes[panels:]:
         ax.axis("off")
@@ -116,5 +124,7 @@ def upsample_and_add(low_resolution: dict[str, torch.Tensor], image_size: tuple[
         by_grid[size] = by_grid[size] + grid_map if size in by_grid else grid_map.clone()
     total = torch.zeros(image_size, dtype=torch.float32)
     for grid_map in by_grid.values():
-        total += F.interpolate(grid_map[None, None].float(), size=tuple(image_size), mode="bicubic", align_corners=False)[0, 0]
+        total += F.interpolate(
+            grid_map[None, None].float(), size=tuple(image_size), mode="bicubic", align_corners=False
+        )[0, 0]
     return total

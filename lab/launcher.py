@@ -23,8 +23,8 @@ cell that assigns them (tagged "injected-parameters", the same convention as pap
 from __future__ import annotations
 
 import argparse
-import os
 import importlib.util
+import os
 import signal
 import site
 import subprocess
@@ -41,8 +41,17 @@ CELL_TIMEOUT_SECONDS = 900  # one cell of the full profile on a slow CPU; a hung
 SOURCE_CHECKOUT_NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 INSTALLED_NOTEBOOKS = Path("share") / "sdlab" / "notebooks"  # relative to an installation prefix
 
-__all__ = ["notebook_sources", "read_notebook", "apply_profile", "copy_notebooks", "lab_command",
-           "run_jupyterlab", "execute_notebook", "lab", "demo"]
+__all__ = [
+    "notebook_sources",
+    "read_notebook",
+    "apply_profile",
+    "copy_notebooks",
+    "lab_command",
+    "run_jupyterlab",
+    "execute_notebook",
+    "lab",
+    "demo",
+]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -54,8 +63,9 @@ def _require(*modules: str) -> None:
     """Exit with the install command when the `lab` extra is missing (instead of an ImportError deep inside)."""
     missing = [name for name in modules if importlib.util.find_spec(name) is None]
     if missing:
-        sys.exit(f"sdlab: {', '.join(missing)} not installed; the notebooks need the lab extra: "
-                 "pip install 'sdlab[lab]'")
+        sys.exit(
+            f"sdlab: {', '.join(missing)} not installed; the notebooks need the lab extra: pip install 'sdlab[lab]'"
+        )
 
 
 def _notebook_dirs() -> list[Path]:
@@ -134,11 +144,22 @@ def copy_notebooks(directory: str | Path, profile: str = "full") -> dict[str, st
 # ---------------------------------------------------------------------------------------------------------
 
 
-def lab_command(directory: str | Path, *, port: int | None = None, open_browser: bool = True,
-                token: str | None = None, extra: list[str] | None = None) -> list[str]:
+def lab_command(
+    directory: str | Path,
+    *,
+    port: int | None = None,
+    open_browser: bool = True,
+    token: str | None = None,
+    extra: list[str] | None = None,
+) -> list[str]:
     """The JupyterLab command line `sdlab lab` runs (the same Python, so the kernel sees sdlab)."""
-    command = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={Path(directory).resolve()}",
-               f"--LabApp.default_url=/lab/tree/{TOUR}.ipynb"]
+    command = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        f"--ServerApp.root_dir={Path(directory).resolve()}",
+        f"--LabApp.default_url=/lab/tree/{TOUR}.ipynb",
+    ]
     if port is not None:
         command.append(f"--ServerApp.port={port}")
     if not open_browser:
@@ -199,8 +220,10 @@ def run_jupyterlab(command: list[str]) -> int:
 
 def lab(argv: list[str] | None = None) -> int:
     """`sdlab lab`: copy the notebooks (keeping existing copies), then run JupyterLab until it stops."""
-    parser = argparse.ArgumentParser(prog="sdlab lab", description="Open JupyterLab on sdlab's notebooks "
-                                     "(copied into a working folder; your edited copies are kept).")
+    parser = argparse.ArgumentParser(
+        prog="sdlab lab",
+        description="Open JupyterLab on sdlab's notebooks (copied into a working folder; your edited copies are kept).",
+    )
     parser.add_argument("--dir", default=DEFAULT_LAB_DIR, help=f"working folder (default: ./{DEFAULT_LAB_DIR})")
     parser.add_argument("--port", type=int, help="the server's port (default: 8888, or the next free one)")
     parser.add_argument("--no-browser", action="store_true", help="do not open a browser (open the printed URL)")
@@ -212,8 +235,9 @@ def lab(argv: list[str] | None = None) -> int:
     folder = Path(args.dir).resolve()
     print(f"sdlab: notebooks in {folder}")
     for name, what in outcome.items():
-        print(f"  {name}: " + ("copied" if what == "copied" else
-                               "kept your copy (delete it to get the current version)"))
+        print(
+            f"  {name}: " + ("copied" if what == "copied" else "kept your copy (delete it to get the current version)")
+        )
     command = lab_command(folder, port=args.port, open_browser=not args.no_browser, token=args.token, extra=extra)
     print("sdlab: starting JupyterLab (Ctrl-C to stop)", flush=True)
     return run_jupyterlab(command)
@@ -234,8 +258,13 @@ def execute_notebook(notebook, workdir: str | Path, *, cell_timeout: int = CELL_
 
     # No widget state is stored: an exported page would otherwise load the widget renderer from a CDN. The
     # explorer's output also carries a static picture (text/html), which is what the page shows.
-    client = NotebookClient(notebook, timeout=cell_timeout, kernel_name="python3", store_widget_state=False,
-                            resources={"metadata": {"path": str(workdir)}})
+    client = NotebookClient(
+        notebook,
+        timeout=cell_timeout,
+        kernel_name="python3",
+        store_widget_state=False,
+        resources={"metadata": {"path": str(workdir)}},
+    )
     client.execute()
     return notebook
 
@@ -253,11 +282,16 @@ def write_html(notebook, out: str | Path) -> Path:
 
 def demo(argv: list[str] | None = None) -> int:
     """`sdlab demo`: run the tour headless, write the HTML page; exit status 1 if a cell failed."""
-    parser = argparse.ArgumentParser(prog="sdlab demo", description="Run the tour notebook headless and write "
-                                     "an executed HTML copy.")
+    parser = argparse.ArgumentParser(
+        prog="sdlab demo", description="Run the tour notebook headless and write an executed HTML copy."
+    )
     parser.add_argument("--out", default=DEFAULT_DEMO_OUT, help=f"HTML file to write (default: ./{DEFAULT_DEMO_OUT})")
-    parser.add_argument("--profile", choices=PROFILES, default="full",
-                        help="full: the tour as users see it; fast: few steps and prompts (CI)")
+    parser.add_argument(
+        "--profile",
+        choices=PROFILES,
+        default="full",
+        help="full: the tour as users see it; fast: few steps and prompts (CI)",
+    )
     args = parser.parse_args(argv)
     _require("jupytext", "nbclient", "nbconvert", "ipykernel", "anywidget")
 

@@ -62,9 +62,13 @@ class OptimizedToken:
         from safetensors.torch import save_file
 
         path = Path(path)
-        metadata = {"format": "sdlab.daam.OptimizedToken", "word": self.word,
-                    "attribution_prompt": self.attribution_prompt, "tokens": json.dumps(list(self.tokens)),
-                    "losses": json.dumps(self.losses)}
+        metadata = {
+            "format": "sdlab.daam.OptimizedToken",
+            "word": self.word,
+            "attribution_prompt": self.attribution_prompt,
+            "tokens": json.dumps(list(self.tokens)),
+            "losses": json.dumps(self.losses),
+        }
         save_file({"embedding": self.embedding.contiguous()}, str(path), metadata=metadata)
         return path
 
@@ -77,13 +81,26 @@ class OptimizedToken:
             if metadata.get("format") != "sdlab.daam.OptimizedToken":
                 raise ValueError(f"{path} is not an sdlab optimised token (saved by OptimizedToken.save)")
             embedding = f.get_tensor("embedding")
-        return cls(word=metadata["word"], attribution_prompt=metadata["attribution_prompt"],
-                   tokens=tuple(json.loads(metadata["tokens"])), embedding=embedding,
-                   losses=json.loads(metadata["losses"]))
+        return cls(
+            word=metadata["word"],
+            attribution_prompt=metadata["attribution_prompt"],
+            tokens=tuple(json.loads(metadata["tokens"])),
+            embedding=embedding,
+            losses=json.loads(metadata["losses"]),
+        )
 
 
-def open_vocab_map(run, word: str | OptimizedToken, attribution_prompt: str | None = None, image: int = 0,
-                   steps=None, sites=None, heads=None, occurrence: int | None = None, pipe=None) -> HeatMap:
+def open_vocab_map(
+    run,
+    word: str | OptimizedToken,
+    attribution_prompt: str | None = None,
+    image: int = 0,
+    steps=None,
+    sites=None,
+    heads=None,
+    occurrence: int | None = None,
+    pipe=None,
+) -> HeatMap:
     """The OVAM map of `word`, which need not be in the generation prompt.
 
     word                a word, or an OptimizedToken from optimize_token (then attribution_prompt
@@ -114,9 +131,22 @@ def open_vocab_map(run, word: str | OptimizedToken, attribution_prompt: str | No
     values, chosen = run._sum_maps(run._word_maps[key], True, steps, sites, heads)
     return run._heat_map(values, word, "open-vocabulary", image, chosen, prompt=attribution_prompt)
 
-def optimize_token(run, word: str, mask, attribution_prompt: str | None = None, image: int = 0, steps=None,
-                   sites=None, heads=None, occurrence: int | None = None, epochs: int = 100, lr: float = 0.05,
-                   pipe=None, progress: bool = True) -> OptimizedToken:
+
+def optimize_token(
+    run,
+    word: str,
+    mask,
+    attribution_prompt: str | None = None,
+    image: int = 0,
+    steps=None,
+    sites=None,
+    heads=None,
+    occurrence: int | None = None,
+    epochs: int = 100,
+    lr: float = 0.05,
+    pipe=None,
+    progress: bool = True,
+) -> OptimizedToken:
     """OVAM's token optimisation: fit the word's text embedding so its open-vocabulary map
     matches `mask` on this image; the returned token then segments the same concept in other
     runs of the same pipeline: `other_run.open_vocab_map(token)`.
@@ -149,8 +179,10 @@ def optimize_token(run, word: str, mask, attribution_prompt: str | None = None, 
         optimizer.step()
         losses.append(float(loss.detach()))
     embedding = base.index_put((torch.tensor(tokens),), rows.detach())
-    return OptimizedToken(word=word, attribution_prompt=attribution_prompt, tokens=tuple(tokens),
-                          embedding=embedding, losses=losses)
+    return OptimizedToken(
+        word=word, attribution_prompt=attribution_prompt, tokens=tuple(tokens), embedding=embedding, losses=losses
+    )
+
 
 def ovam_pipe(run, pipe):
     if not run.queries:
@@ -159,6 +191,7 @@ def ovam_pipe(run, pipe):
     if pipe is None:
         raise ValueError("open-vocabulary maps need the pipeline (text encoder and to_k): pass pipe=")
     return pipe
+
 
 def as_mask(run, mask) -> torch.Tensor:
     """A (height, width) float tensor of 0/1 at the run's image size."""
@@ -171,9 +204,12 @@ def as_mask(run, mask) -> torch.Tensor:
     if array.ndim != 2:
         raise ValueError(f"the mask must be 2-D (height, width) = ({height}, {width}), got shape {array.shape}")
     if array.shape != (height, width):
-        raise ValueError(f"the mask is {array.shape[1]}x{array.shape[0]} but the run's images are {width}x{height} "
-                         "(width x height): give one value per image pixel")
+        raise ValueError(
+            f"the mask is {array.shape[1]}x{array.shape[0]} but the run's images are {width}x{height} "
+            "(width x height): give one value per image pixel"
+        )
     return torch.from_numpy((array > 0.5).astype(np.float32))
+
 
 def ovam_token_maps(run, pipe, image: int, embedding: torch.Tensor, tokens: list[int]) -> dict[str, torch.Tensor]:
     """{layer: (steps, heads, h, w)}: the word's attention with `embedding`'s keys in place of the
@@ -189,14 +225,21 @@ def ovam_token_maps(run, pipe, image: int, embedding: torch.Tensor, tokens: list
         maps[name] = word.reshape(*word.shape[:2], *site.grid)
     return maps
 
+
 def text_embedding(run, pipe, attribution_prompt: str) -> torch.Tensor:
     """(77, dim): the pipeline's text encoding of the attribution prompt (both encoders' for SDXL)."""
     if attribution_prompt not in run._attribution_embeddings:
         with torch.no_grad():
-            embedding = pipe.encode_prompt(prompt=attribution_prompt, device=pipe.device, num_images_per_prompt=1,
-                                           do_classifier_free_guidance=False, clip_skip=run.settings.get("clip_skip"))[0]
+            embedding = pipe.encode_prompt(
+                prompt=attribution_prompt,
+                device=pipe.device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+                clip_skip=run.settings.get("clip_skip"),
+            )[0]
         run._attribution_embeddings[attribution_prompt] = embedding[0].float().cpu()
     return run._attribution_embeddings[attribution_prompt]
+
 
 def keys_of(run, pipe, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
     """{layer: (heads, 77, head_dim)}: each layer's to_k of the text embedding (differentiable)."""
@@ -204,14 +247,17 @@ def keys_of(run, pipe, embedding: torch.Tensor) -> dict[str, torch.Tensor]:
     for name in run.queries:
         attn = pipe.unet.get_submodule(name)
         if embedding.shape[-1] != attn.to_k.in_features:
-            raise ValueError(f"this text embedding is {embedding.shape[-1]} wide but {name} reads "
-                             f"{attn.to_k.in_features}-wide text: an OptimizedToken works only with the "
-                             "pipeline it was optimised on")
+            raise ValueError(
+                f"this text embedding is {embedding.shape[-1]} wide but {name} reads "
+                f"{attn.to_k.in_features}-wide text: an OptimizedToken works only with the "
+                "pipeline it was optimised on"
+            )
         text = embedding.to(device=attn.to_k.weight.device, dtype=attn.to_k.weight.dtype)[None]
         if attn.norm_cross:
             text = attn.norm_encoder_hidden_states(text)
         key = attn.to_k(text)[0].float().cpu()  # (77, heads * head_dim)
         keys[name] = key.reshape(key.shape[0], attn.heads, -1).transpose(0, 1)
     return keys
+
 
 # -- run-attention -------------------------------------------------------------------------

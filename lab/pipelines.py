@@ -11,8 +11,12 @@ import torch
 EMBEDDED_MODEL = Path(__file__).resolve().parent / "models" / "tinyworld-sd"
 
 
-def load_pipeline(name_or_path: str | Path | None = None, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32, **kwargs):
+def load_pipeline(
+    name_or_path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **kwargs,
+):
     """Return a ready-to-use diffusers pipeline.
 
     - no argument: the embedded TinyWorld model (64x64 images, runs in seconds on a CPU);
@@ -29,14 +33,18 @@ def load_pipeline(name_or_path: str | Path | None = None, device: str | torch.de
     if name_or_path is None and not (EMBEDDED_MODEL / "model_index.json").exists():
         raise FileNotFoundError(
             f"the embedded TinyWorld model is missing from {EMBEDDED_MODEL}; train it with "
-            "`sdlab tinyworld train` or pass a hub id / local folder of a Stable Diffusion pipeline")
+            "`sdlab tinyworld train` or pass a hub id / local folder of a Stable Diffusion pipeline"
+        )
     if not str(source).strip():
-        raise ValueError("load_pipeline() got an empty name: leave it out for the embedded TinyWorld model, "
-                         "or pass a hub id / local folder of a Stable Diffusion pipeline")
+        raise ValueError(
+            "load_pipeline() got an empty name: leave it out for the embedded TinyWorld model, "
+            "or pass a hub id / local folder of a Stable Diffusion pipeline"
+        )
     if Path(source).is_dir() and not (Path(source) / "model_index.json").exists():
         raise FileNotFoundError(
             f"{source} is a folder but not a diffusers pipeline (no model_index.json); pass the folder that "
-            "`pipe.save_pretrained(...)` wrote, or a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'")
+            "`pipe.save_pretrained(...)` wrote, or a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'"
+        )
     if Path(source).is_dir() and (Path(source) / "model_index.json").exists():
         index = json.loads((Path(source) / "model_index.json").read_text())
         if "safety_checker" in index:  # the embedded model and many local copies have none
@@ -51,7 +59,8 @@ def load_pipeline(name_or_path: str | Path | None = None, device: str | torch.de
     if not hasattr(pipe, "unet") or not hasattr(pipe, "text_encoder"):
         raise ValueError(
             f"{source} loads as {type(pipe).__name__}, which has no UNet + text encoder: sdlab's hooks work on "
-            "Stable Diffusion 1.x / 2.x / XL pipelines (UNet2DConditionModel with cross-attention)")
+            "Stable Diffusion 1.x / 2.x / XL pipelines (UNet2DConditionModel with cross-attention)"
+        )
     pipe.to(device)
     if name_or_path is None:
         pipe.set_progress_bar_config(leave=False)

@@ -91,15 +91,19 @@ class Result:
         try:
             metadata = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ResultFormatError(f"{path} is corrupted ({error}): it is not the JSON that "
-                                    f"{cls.__name__}.save writes; save the result again") from None
+            raise ResultFormatError(
+                f"{path} is corrupted ({error}): it is not the JSON that "
+                f"{cls.__name__}.save writes; save the result again"
+            ) from None
         if not isinstance(metadata, dict) or metadata.get("format") != cls.FORMAT:
             found = metadata.get("format") if isinstance(metadata, dict) else None
             raise ResultFormatError(f"{folder} is not {what}" + (f": it holds {found!r}" if found else ""))
         version = metadata.get("version")
         if not isinstance(version, int) or version > cls.VERSION:
-            raise ResultFormatError(f"{folder} was saved in {cls.FORMAT} format version {version!r}; this sdlab "
-                                    f"reads versions up to {cls.VERSION}: update sdlab")
+            raise ResultFormatError(
+                f"{folder} was saved in {cls.FORMAT} format version {version!r}; this sdlab "
+                f"reads versions up to {cls.VERSION}: update sdlab"
+            )
         return metadata
 
     @classmethod
@@ -112,7 +116,9 @@ class Result:
         try:
             return load_file(str(path))
         except Exception as error:  # safetensors raises its own error types for truncated or foreign files
-            raise ResultFormatError(f"{path} is corrupted or not a safetensors file ({error}); save the result again") from None
+            raise ResultFormatError(
+                f"{path} is corrupted or not a safetensors file ({error}); save the result again"
+            ) from None
 
     @classmethod
     def load(cls, folder: str | Path, **kwargs) -> "Result":

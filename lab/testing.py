@@ -20,7 +20,6 @@ The weights are random: images are noise. These pipelines exist to exercise code
 
 from __future__ import annotations
 
-
 import torch
 from diffusers import (
     AutoencoderKL,
@@ -49,7 +48,6 @@ __all__ = [
     "tiny_img2img_pipeline",
     "sd15_sized_unet",
 ]
-
 
 
 def _tiny_text_encoder(hidden_size: int = 32, with_projection: bool = False, projection_dim: int = 32):
@@ -228,13 +226,26 @@ def sd15_sized_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(
-            CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=256, num_hidden_layers=1,
-                           num_attention_heads=12, max_position_embeddings=77, bos_token_id=49406,
-                           eos_token_id=49407, pad_token_id=49407)
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=768,
+                intermediate_size=256,
+                num_hidden_layers=1,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+                bos_token_id=49406,
+                eos_token_id=49407,
+                pad_token_id=49407,
+            )
         ).eval()
     tiny = tiny_sd1_pipeline(seed)
     return StableDiffusionPipeline(
-        vae=tiny.vae, text_encoder=text_encoder, tokenizer=tiny.tokenizer, unet=sd15_sized_unet(seed),
-        scheduler=DDIMScheduler.from_config(tiny.scheduler.config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
+        vae=tiny.vae,
+        text_encoder=text_encoder,
+        tokenizer=tiny.tokenizer,
+        unet=sd15_sized_unet(seed),
+        scheduler=DDIMScheduler.from_config(tiny.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )

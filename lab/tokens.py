@@ -86,7 +86,11 @@ def _indices_for(tokenizer, prompt: str, word: str, occurrence: int | None) -> l
             continue
         # A match must begin a word: the token before it ends one (or is the start token).
         previous = tokens[start - 1] if start > 0 else None
-        if uses_word_ends and start > 0 and not (previous.endswith(_WORD_END) or previous in tokenizer.all_special_tokens):
+        if (
+            uses_word_ends
+            and start > 0
+            and not (previous.endswith(_WORD_END) or previous in tokenizer.all_special_tokens)
+        ):
             continue
         starts.append(start)
     if not starts:
@@ -95,7 +99,9 @@ def _indices_for(tokenizer, prompt: str, word: str, occurrence: int | None) -> l
 
     if occurrence is not None:
         if not -len(starts) <= occurrence < len(starts):
-            raise ValueError(f"{word!r} occurs {len(starts)} time(s) in the prompt; occurrence={occurrence} is out of range")
+            raise ValueError(
+                f"{word!r} occurs {len(starts)} time(s) in the prompt; occurrence={occurrence} is out of range"
+            )
         starts = [starts[occurrence]]
 
     # The encoder keeps model_max_length tokens: start token, content, end token.
@@ -112,8 +118,9 @@ def _indices_for(tokenizer, prompt: str, word: str, occurrence: int | None) -> l
     return indices
 
 
-def token_indices(tokenizer_or_pipe, prompt: str, word: str, occurrence: int | None = None, *,
-                  per_tokenizer: bool = False) -> list[int] | dict[str, list[int]]:
+def token_indices(
+    tokenizer_or_pipe, prompt: str, word: str, occurrence: int | None = None, *, per_tokenizer: bool = False
+) -> list[int] | dict[str, list[int]]:
     """Positions of `word` (a word or phrase) in the encoded `prompt`.
 
     occurrence     None: every occurrence; n: only the n-th (0-based, negative counts from the end).

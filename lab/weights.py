@@ -72,6 +72,7 @@ Selector = Union[str, Callable[[str, torch.nn.Parameter], bool], Iterable]
 
 # ---------------------------------------------------------------------------------------------- names
 
+
 def _roots(model) -> dict[str, torch.nn.Module]:
     """What names are relative to: a pipeline's torch components by attribute name, or a bare module as ""."""
     if isinstance(model, torch.nn.Module):
@@ -84,8 +85,11 @@ def _roots(model) -> dict[str, torch.nn.Module]:
 
 def named_parameters(model) -> dict[str, torch.nn.Parameter]:
     """Every parameter of a pipeline (or module) under the names selectors match."""
-    return {f"{root}.{name}" if root else name: p
-            for root, module in _roots(model).items() for name, p in module.named_parameters()}
+    return {
+        f"{root}.{name}" if root else name: p
+        for root, module in _roots(model).items()
+        for name, p in module.named_parameters()
+    }
 
 
 def select_parameters(model, selector: Selector) -> dict[str, torch.nn.Parameter]:
@@ -99,7 +103,7 @@ def select_parameters(model, selector: Selector) -> dict[str, torch.nn.Parameter
         if callable(part):
             hits = [n for n, p in everything.items() if part(n, p)]
         elif isinstance(part, str) and not any(c in part for c in "*?["):
-            hits = [part] if part in everything else []        # exact names skip the glob scan (ESD-u lists ~700)
+            hits = [part] if part in everything else []  # exact names skip the glob scan (ESD-u lists ~700)
         elif isinstance(part, str):
             hits = [n for n in everything if fnmatch.fnmatchcase(n, part)]
         else:
@@ -137,12 +141,13 @@ def _owner(roots: dict[str, torch.nn.Module], name: str) -> tuple[torch.nn.Modul
 
 # ---------------------------------------------------------------------------------------------- edits
 
+
 @dataclasses.dataclass
 class _Saved:
     param: torch.nn.Parameter
     owner: torch.nn.Module
     leaf: str
-    value: torch.Tensor          # the clone: what the parameter's data was, bit for bit
+    value: torch.Tensor  # the clone: what the parameter's data was, bit for bit
     device: torch.device
     requires_grad: bool
     grad: torch.Tensor | None
@@ -162,19 +167,26 @@ class WeightEdit:
         # inference_mode(False): a clone made in inference mode could not be put back into a trainable parameter
         with torch.inference_mode(False), torch.no_grad():
             self._saved: dict[str, _Saved] | None = {
-                name: _Saved(p, *_owner(roots, name), _clone(p, offload), p.device, p.requires_grad,
-                             None if p.grad is None else _clone(p.grad, offload))
-                for name, p in self.parameters.items()}
+                name: _Saved(
+                    p,
+                    *_owner(roots, name),
+                    _clone(p, offload),
+                    p.device,
+                    p.requires_grad,
+                    None if p.grad is None else _clone(p.grad, offload),
+                )
+                for name, p in self.parameters.items()
+            }
 
     def __enter__(self) -> "WeightEdit":
         return self
 
     def __exit__(self, *exc) -> bool:
         if self.persistent:
-            self._saved = None           # keep the change; free the snapshot
+            self._saved = None  # keep the change; free the snapshot
         else:
             self.restore()
-        return False                     # never swallow the exception (or KeyboardInterrupt) that ended the block
+        return False  # never swallow the exception (or KeyboardInterrupt) that ended the block
 
     def keep(self) -> None:
         """Keep the change when the block ends (same as persistent=True)."""
@@ -192,27 +204,34 @@ class WeightEdit:
                 try:
                     p = s.param
                     if (p.dtype, p.device, p.shape) == (s.value.dtype, s.device, s.value.shape):
-                        p.data.copy_(s.value)                  # in place: whoever holds the storage sees it restored
+                        p.data.copy_(s.value)  # in place: whoever holds the storage sees it restored
                     else:
-                        p.data = s.value.to(s.device)          # dtype/device/shape was changed: the original tensor
+                        p.data = s.value.to(s.device)  # dtype/device/shape was changed: the original tensor
                     p.requires_grad_(s.requires_grad)
                     p.grad = None if s.grad is None else s.grad.to(s.device)
                     owner, leaf = _owner(roots, name)
                     if owner is not s.owner:
                         now = type(owner).__name__ if owner is not None else "nothing"
-                        moved.append(f"{name}: {'another ' if type(owner) is type(s.owner) else ''}{now} "
-                                     f"at that path, was {type(s.owner).__name__}")
+                        moved.append(
+                            f"{name}: {'another ' if type(owner) is type(s.owner) else ''}{now} "
+                            f"at that path, was {type(s.owner).__name__}"
+                        )
                     elif owner._parameters.get(leaf) is not p:
-                        setattr(owner, leaf, p)                # a new Parameter object was assigned: ours goes back
-                except Exception as error:                     # restore the others before reporting
+                        setattr(owner, leaf, p)  # a new Parameter object was assigned: ours goes back
+                except Exception as error:  # restore the others before reporting
                     failed.append(f"{name}: {error!r}")
         self._saved = None
         if failed or moved:
             raise RuntimeError(
                 "lab.weights could not put everything back. Values were restored into the original parameter objects"
                 + ("; these failed:\n  " + "\n  ".join(failed) if failed else "")
-                + ("\nThe module structure changed under these names (undo that change, e.g. remove the adapter "
-                   "or put the module back, inside the block):\n  " + "\n  ".join(moved) if moved else ""))
+                + (
+                    "\nThe module structure changed under these names (undo that change, e.g. remove the adapter "
+                    "or put the module back, inside the block):\n  " + "\n  ".join(moved)
+                    if moved
+                    else ""
+                )
+            )
 
     def _open(self) -> dict[str, _Saved]:
         if self._saved is None:
@@ -226,8 +245,10 @@ class WeightEdit:
     def delta(self) -> dict[str, torch.Tensor]:
         """{name: current - original} in float32, for the changed names."""
         saved = self._open()
-        return {n: saved[n].param.detach().float() - saved[n].value.to(saved[n].param.device).float()
-                for n in self.changed()}
+        return {
+            n: saved[n].param.detach().float() - saved[n].value.to(saved[n].param.device).float()
+            for n in self.changed()
+        }
 
     def save(self, path) -> list[str]:
         """Write the changed parameters' current values to a safetensors file; returns their names."""
@@ -238,11 +259,13 @@ class WeightEdit:
         roots = _roots(self.model)
         touched = sorted({n.split(".")[0] if "" not in roots else "" for n in names})
         metadata = {
-            "format": FORMAT, "version": str(VERSION),
+            "format": FORMAT,
+            "version": str(VERSION),
             "components": json.dumps({r: type(roots[r]).__name__ for r in touched}),
             "architecture": json.dumps({r: _fingerprint(roots[r]) for r in touched}),
-            "parameters": json.dumps({n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-                                      for n, t in tensors.items()}),
+            "parameters": json.dumps(
+                {n: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for n, t in tensors.items()}
+            ),
         }
         save_file(tensors, str(path), metadata=metadata)
         return names
@@ -250,8 +273,12 @@ class WeightEdit:
     def __del__(self):
         # the one way to lose an edit's undo: building it outside `with` and dropping it
         if getattr(self, "_saved", None) is not None and not self.persistent:
-            warnings.warn(f"{self!r} was dropped without being restored: its change stays. Use it in a `with` block, "
-                          "call restore(), or pass persistent=True", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"{self!r} was dropped without being restored: its change stays. Use it in a `with` block, "
+                "call restore(), or pass persistent=True",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def __repr__(self) -> str:
         state = "closed" if self._saved is None else "open"
@@ -287,20 +314,26 @@ class SavedEdit:
         tensors = self._rebased(model)
         live = named_parameters(model)
         missing = [n for n in tensors if n not in live]
-        wrong = [f"{n}: file {tuple(t.shape)}, model {tuple(live[n].shape)}"
-                 for n, t in tensors.items() if n in live and live[n].shape != t.shape]
+        wrong = [
+            f"{n}: file {tuple(t.shape)}, model {tuple(live[n].shape)}"
+            for n, t in tensors.items()
+            if n in live and live[n].shape != t.shape
+        ]
         if missing or wrong:
             raise ValueError(
                 "this edit does not fit this model; nothing was changed."
                 + (f"\nMissing names ({len(missing)}): " + ", ".join(missing[:5]) if missing else "")
                 + ("\nOther shapes:\n  " + "\n  ".join(wrong[:5]) if wrong else "")
-                + f"\nThe edit was saved from: {self.metadata.get('components')}")
+                + f"\nThe edit was saved from: {self.metadata.get('components')}"
+            )
         roots, saved = _roots(model), self.metadata.get("architecture", {})
         touched = {""} if "" in roots else {n.split(".")[0] for n in tensors}
         others = [r for r in touched if _fingerprint(roots[r]) not in saved.values()]
         if others:
-            message = (f"the edit's names and shapes fit, but {', '.join(others) or 'the model'} has other parameters "
-                       f"than the {self.metadata.get('components')} it was saved from (another architecture)")
+            message = (
+                f"the edit's names and shapes fit, but {', '.join(others) or 'the model'} has other parameters "
+                f"than the {self.metadata.get('components')} it was saved from (another architecture)"
+            )
             if strict:
                 raise ValueError(message + "; nothing was changed. strict=False applies it anyway.")
             warnings.warn(message, stacklevel=2)
@@ -308,7 +341,7 @@ class SavedEdit:
         try:
             with torch.no_grad():
                 for name, t in tensors.items():
-                    edit.parameters[name].data.copy_(t)      # copy_ casts to the model's dtype and device
+                    edit.parameters[name].data.copy_(t)  # copy_ casts to the model's dtype and device
         except BaseException:
             edit.restore()
             raise
@@ -320,12 +353,12 @@ class SavedEdit:
         roots = _roots(model)
         if len(saved) != 1 or set(saved) <= set(roots):
             return self.tensors
-        (saved_root, cls), = saved.items()
-        if saved_root == "":                                  # bare module -> the pipeline component of that class
+        ((saved_root, cls),) = saved.items()
+        if saved_root == "":  # bare module -> the pipeline component of that class
             match = [r for r, m in roots.items() if type(m).__name__ == cls]
             return {f"{match[0]}.{n}": t for n, t in self.tensors.items()} if len(match) == 1 else self.tensors
-        if "" in roots and type(roots[""]).__name__ == cls:   # pipeline component -> a bare module of that class
-            return {n[len(saved_root) + 1:]: t for n, t in self.tensors.items()}
+        if "" in roots and type(roots[""]).__name__ == cls:  # pipeline component -> a bare module of that class
+            return {n[len(saved_root) + 1 :]: t for n, t in self.tensors.items()}
         return self.tensors
 
 
@@ -343,6 +376,7 @@ def load(path) -> SavedEdit:
 
 # ---------------------------------------------------------------------------------------------- LoRA
 
+
 class _PeftState:
     """What adding or loading an adapter changes besides modules: requires_grad flags (peft freezes every
     base parameter), diffusers' peft attributes, and which earlier adapters were active in each layer."""
@@ -357,7 +391,7 @@ class _PeftState:
 
     def restore(self) -> None:
         for layer, names in self.active.items():
-            layer.set_adapter(names)                  # also marks those adapters trainable: the flags below fix that
+            layer.set_adapter(names)  # also marks those adapters trainable: the flags below fix that
         for p, flag in self.flags:
             p.requires_grad_(flag)
         for k in ("peft_config", "_hf_peft_config_loaded"):
@@ -371,12 +405,18 @@ def _refuse_hooked(unet: torch.nn.Module) -> None:
     """A forward hook on a layer peft just wrapped would read it without the LoRA (see module docstring)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    hooked = [n for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)
-              and (m.get_base_layer()._forward_hooks or m.get_base_layer()._forward_pre_hooks)]
+    hooked = [
+        n
+        for n, m in unet.named_modules()
+        if isinstance(m, BaseTunerLayer)
+        and (m.get_base_layer()._forward_hooks or m.get_base_layer()._forward_pre_hooks)
+    ]
     if hooked:
-        raise ValueError("LoRA refused: these layers already have forward hooks (a lab.trace reading 'q'/'k'/'v'?), "
-                         "which would see them without the LoRA. Open the LoRA context first, then the trace:\n  "
-                         + "\n  ".join(hooked[:5]))
+        raise ValueError(
+            "LoRA refused: these layers already have forward hooks (a lab.trace reading 'q'/'k'/'v'?), "
+            "which would see them without the LoRA. Open the LoRA context first, then the trace:\n  "
+            + "\n  ".join(hooked[:5])
+        )
 
 
 def _refuse_taken(adapter_name: str, modules) -> None:
@@ -407,9 +447,9 @@ class _LoraContext:
             return
         self._closed = True
         if any(s.active for s in states):
-            remove_only_ours()                # other adapters stay (diffusers may leave an empty peft wrapper)
+            remove_only_ours()  # other adapters stay (diffusers may leave an empty peft wrapper)
         else:
-            remove_all()                      # puts the original Linear / Conv modules back
+            remove_all()  # puts the original Linear / Conv modules back
         for s in states:
             s.restore()
 
@@ -429,11 +469,12 @@ class LoraAdapter(_LoraContext):
         try:
             self.unet.add_adapter(config, adapter_name=adapter_name)
             _refuse_hooked(self.unet)
-            self.parameters = {n: p for n, p in self.unet.named_parameters()
-                               if "lora_" in n and f".{adapter_name}." in n}
+            self.parameters = {
+                n: p for n, p in self.unet.named_parameters() if "lora_" in n and f".{adapter_name}." in n
+            }
             self.scale = scale
         except BaseException:
-            self.close()                       # whatever got added (peft may fail half way) is removed again
+            self.close()  # whatever got added (peft may fail half way) is removed again
             raise
 
     def _set_scale(self, value: float) -> None:
@@ -453,12 +494,15 @@ class LoraAdapter(_LoraContext):
         saver = type(self.pipe) if hasattr(self.pipe, "save_lora_weights") else StableDiffusionLoraLoaderMixin
         config, extra = self.unet.peft_config[self.adapter_name], {}
         if "unet_lora_adapter_metadata" in inspect.signature(saver.save_lora_weights).parameters:
-            extra["unet_lora_adapter_metadata"] = config.to_dict()   # lora_alpha, rank patterns travel with the file
+            extra["unet_lora_adapter_metadata"] = config.to_dict()  # lora_alpha, rank patterns travel with the file
         elif config.lora_alpha != config.r or config.use_rslora or config.rank_pattern or config.alpha_pattern:
-            raise NotImplementedError("this diffusers cannot store lora_alpha in a LoRA file, so loading would use "
-                                      "alpha = r: use LoraConfig(lora_alpha=r) or a diffusers with LoRA metadata")
-        saver.save_lora_weights(folder, unet_lora_layers=layers, weight_name=weight_name, safe_serialization=True,
-                                **extra)
+            raise NotImplementedError(
+                "this diffusers cannot store lora_alpha in a LoRA file, so loading would use "
+                "alpha = r: use LoraConfig(lora_alpha=r) or a diffusers with LoRA metadata"
+            )
+        saver.save_lora_weights(
+            folder, unet_lora_layers=layers, weight_name=weight_name, safe_serialization=True, **extra
+        )
 
 
 class LoraWeights(_LoraContext):
@@ -473,7 +517,7 @@ class LoraWeights(_LoraContext):
             _refuse_hooked(pipe.unet)
             self.scale = scale
         except BaseException:
-            self.close()                       # a half-loaded LoRA is undone too
+            self.close()  # a half-loaded LoRA is undone too
             raise
 
     def _set_scale(self, value: float) -> None:
@@ -481,5 +525,6 @@ class LoraWeights(_LoraContext):
 
     def close(self) -> None:
         """Unload the LoRA (idempotent); leaving the block calls this."""
-        self._restore(self._states, lambda: self.pipe.delete_adapters([self.adapter_name]),
-                      self.pipe.unload_lora_weights)
+        self._restore(
+            self._states, lambda: self.pipe.delete_adapters([self.adapter_name]), self.pipe.unload_lora_weights
+        )

@@ -82,8 +82,9 @@ for site in lab.sites(pipe):
 
 # %%
 generator = torch.Generator().manual_seed(seed)
-image = pipe(prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-             generator=generator).images[0]
+image = pipe(
+    prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator
+).images[0]
 image.resize((256, 256), resample=0)  # 0 = nearest neighbour: keep the pixels sharp
 
 # %% [markdown]
@@ -99,8 +100,9 @@ image.resize((256, 256), resample=0)  # 0 = nearest neighbour: keep the pixels s
 # milliseconds.
 
 # %%
-run = lab.daam.trace_generation(pipe, prompt, seed=seed, num_inference_steps=num_inference_steps,
-                                guidance_scale=guidance_scale, per_step=True)
+run = lab.daam.trace_generation(
+    pipe, prompt, seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, per_step=True
+)
 run
 
 # %%
@@ -146,7 +148,7 @@ explorer
 explorer.step_start, explorer.step_stop = 0, max(1, run.num_steps // 2)  # the first half of the steps
 early = explorer.heat_map()  # the HeatMap on display: .values, .normalized(), .mask(), .overlay()
 print(explorer.heat_label)
-explorer.run is run  # the same lab.daam run a script gets
+explorer.run is run  # noqa: B015  (the same lab.daam run a script gets)
 
 # %% [markdown]
 # ## 5. Where next

@@ -99,8 +99,12 @@ lab.prompt_tokens(pipe, prompt)[:12]
 # %%
 with lab.trace(pipe) as tracer:
     attention = tracer.capture("cross 16x16", "probs", reduce=lab.Stack())
-    image = pipe(prompt, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                 generator=torch.Generator().manual_seed(seed)).images[0]
+    image = pipe(
+        prompt,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        generator=torch.Generator().manual_seed(seed),
+    ).images[0]
 
 probabilities = attention.result()  # {layer: tensor of (steps, images, heads, positions, tokens)}
 for name, tensor in probabilities.items():
@@ -112,8 +116,10 @@ tensor = probabilities[layer]
 print("each position's weights over the tokens sum to:", tensor.sum(dim=-1).mean().item())
 share = tensor.mean(dim=(0, 1, 2, 3))  # mean weight of each token over steps, heads and positions
 end = len(lab.prompt_tokens(pipe, prompt)) - 1  # where the end-of-text token is; padding follows
-print(f"start token {share[0]:.2f} | the prompt's words {share[1:end].sum():.2f} | "
-      f"end-of-text and padding {share[end:].sum():.2f}")
+print(
+    f"start token {share[0]:.2f} | the prompt's words {share[1:end].sum():.2f} | "
+    f"end-of-text and padding {share[end:].sum():.2f}"
+)
 
 # %% [markdown]
 # The prompt's words get only a small share of the attention: the rest goes to the start token and to
@@ -172,8 +178,9 @@ by_hand = (total / terms).clamp(min=0).numpy()  # bicubic overshoot below zero i
 # call, and `run.heat_map` does the sum for any slice. Same seed, same image, same numbers:
 
 # %%
-run = lab.daam.trace_generation(pipe, prompt, seed=seed, num_inference_steps=num_inference_steps,
-                                guidance_scale=guidance_scale, per_step=True)
+run = lab.daam.trace_generation(
+    pipe, prompt, seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, per_step=True
+)
 circle_16 = run.heat_map("circle", sites="16x16")
 print("largest difference from the map by hand:", float(np.abs(circle_16.values - by_hand).max()))
 run
@@ -277,8 +284,9 @@ from lab.tinyworld.world import WorldObject
 def judged_masks(prompt, image):
     """{shape word: the judge's mask} of each object of the prompt that the judge finds in the image."""
     asked = judge.parse_prompt(prompt).objects
-    expected = [WorldObject(shape=o["shape"], color=o["color"] or "", size=0.0, texture="",
-                            cx=np.nan, cy=np.nan) for o in asked]
+    expected = [
+        WorldObject(shape=o["shape"], color=o["color"] or "", size=0.0, texture="", cx=np.nan, cy=np.nan) for o in asked
+    ]
     found = judge.match(expected, judge.read_image(image).objects)
     masks = {}
     for wanted, detection in zip(asked, found):
@@ -303,8 +311,9 @@ groups = ["all"] + [group for group in run.site_groups if "x" in group]  # all, 
 scores = []  # one row per object the model drew: (prompt, word, {layer group: IoU})
 evaluation_runs = {}
 for text in evaluation_prompts:
-    evaluated = lab.daam.trace_generation(pipe, text, seed=seed, per_step=True,
-                                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    evaluated = lab.daam.trace_generation(
+        pipe, text, seed=seed, per_step=True, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale
+    )
     evaluation_runs[text] = evaluated
     truth = judged_masks(text, evaluated.images[0])
     for word in [o["shape"] for o in judge.parse_prompt(text).objects]:

@@ -37,8 +37,7 @@ def snapshot(unet):
     """What a trace must leave exactly as it found: processor objects and every module's torch hooks."""
     processors = {name: module.processor for name, module in unet.named_modules() if hasattr(module, "processor")}
     hooks = {
-        name: (dict(module._forward_hooks), dict(module._forward_pre_hooks))
-        for name, module in unet.named_modules()
+        name: (dict(module._forward_hooks), dict(module._forward_pre_hooks)) for name, module in unet.named_modules()
     }
     return processors, hooks
 

@@ -36,8 +36,15 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "browser"
 CHROMIUM = Path(os.environ.get("SDLAB_CHROMIUM", "/usr/bin/chromium"))
 # Headless in a sandboxed CI container with no network: without the background-networking flags Chromium
 # keeps retrying its update and sync services against the closed network.
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SERVER_START_SECONDS = 180
 KERNEL_READY_MS = 180_000
 RUN_ALL_MS = 900_000  # the fast tour takes well under a minute; CI machines can be slow and busy
@@ -47,10 +54,14 @@ STEP_ACTION_MS = 120_000
 REDRAW_SANITY_BOUND_MS = 1000
 
 if not CHROMIUM.exists():
-    pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium, or set SDLAB_CHROMIUM)",
-                allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed "
-                               "(pip install playwright; its own browser download is not needed)")
+    pytest.skip(
+        f"Chromium not found at {CHROMIUM} (apt-get install chromium, or set SDLAB_CHROMIUM)", allow_module_level=True
+    )
+sync_api = pytest.importorskip(
+    "playwright.sync_api",
+    reason="the playwright Python package is not installed "
+    "(pip install playwright; its own browser download is not needed)",
+)
 if not (pipelines.EMBEDDED_MODEL / "model_index.json").exists():
     pytest.skip(f"the embedded TinyWorld model is missing from {pipelines.EMBEDDED_MODEL}", allow_module_level=True)
 
@@ -82,8 +93,9 @@ def _stop(server: subprocess.Popen, url: str, token: str) -> None:
     """Shut the server down with its kernels; kill its process group if it does not go."""
     if server.poll() is None:
         try:  # the API shutdown also stops the kernels, which run in sessions of their own
-            request = urllib.request.Request(f"{url}/api/shutdown", method="POST",
-                                             headers={"Authorization": f"token {token}"})
+            request = urllib.request.Request(
+                f"{url}/api/shutdown", method="POST", headers={"Authorization": f"token {token}"}
+            )
             urllib.request.urlopen(request, timeout=10).close()
             server.wait(timeout=30)
         except Exception:
@@ -107,8 +119,12 @@ def jupyterlab(tmp_path_factory):
     notification = root / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
     notification.parent.mkdir(parents=True)
     notification.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))
-    environment = {**os.environ, "JUPYTERLAB_SETTINGS_DIR": str(root / "settings"),
-                   "JUPYTERLAB_WORKSPACES_DIR": str(root / "workspaces"), "JUPYTER_RUNTIME_DIR": str(root / "runtime")}
+    environment = {
+        **os.environ,
+        "JUPYTERLAB_SETTINGS_DIR": str(root / "settings"),
+        "JUPYTERLAB_WORKSPACES_DIR": str(root / "workspaces"),
+        "JUPYTER_RUNTIME_DIR": str(root / "runtime"),
+    }
     port, token = _free_port(), secrets.token_hex(16)
     url = f"http://127.0.0.1:{port}"
     # The launcher's own command line, plus what a test needs: loopback only, and the app object exposed
@@ -119,8 +135,9 @@ def jupyterlab(tmp_path_factory):
     command = launcher.lab_command(folder, port=port, open_browser=False, token=token, extra=extra)
     log_path = root / "server.log"
     with open(log_path, "w") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment,
-                                  start_new_session=True)
+        server = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=environment, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + SERVER_START_SECONDS
         while True:
@@ -181,8 +198,11 @@ def _redraw_count(explorer) -> int:
 
 def _wait_for_redraw(page, explorer, before: int) -> dict:
     """Wait until the explorer has redrawn since `before` redraws; its record of the last one."""
-    page.wait_for_function("([element, before]) => Number(element.dataset.redrawCount || 0) > before",
-                           arg=[explorer.element_handle(), before], timeout=STEP_ACTION_MS)
+    page.wait_for_function(
+        "([element, before]) => Number(element.dataset.redrawCount || 0) > before",
+        arg=[explorer.element_handle(), before],
+        timeout=STEP_ACTION_MS,
+    )
     return {"ms": float(explorer.get_attribute("data-redraw-ms")), "kind": explorer.get_attribute("data-redraw-kind")}
 
 
@@ -192,8 +212,10 @@ def _pixels(canvas) -> str:
 
 def _set_slider(slider, value) -> None:
     """Set a range input as a drag ending there would (the widget listens to 'input')."""
-    slider.evaluate("(input, value) => { input.value = String(value);"
-                    " input.dispatchEvent(new Event('input', {bubbles: true})); }", value)
+    slider.evaluate(
+        "(input, value) => { input.value = String(value); input.dispatchEvent(new Event('input', {bubbles: true})); }",
+        value,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -206,14 +228,24 @@ def test_tour_runs_and_the_explorer_redraws(jupyterlab):
     timings = {"kernel_ms": [], "kernel_ms_by_control": {}, "local_ms": [], "playwright_round_trip_ms": []}
     with sync_api.sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            str(jupyterlab.folder.parent / "chromium-profile"), executable_path=str(CHROMIUM), headless=True,
-            args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1100})
+            str(jupyterlab.folder.parent / "chromium-profile"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1400, "height": 1100},
+        )
         page = context.new_page()
         console = []
         page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
         requests_out = []
-        page.on("request", lambda request: requests_out.append(request.url)
-                if not request.url.startswith((jupyterlab.url, "data:", "blob:")) else None)
+        page.on(
+            "request",
+            lambda request: (
+                requests_out.append(request.url)
+                if not request.url.startswith((jupyterlab.url, "data:", "blob:"))
+                else None
+            ),
+        )
         try:
             page.set_default_timeout(STEP_ACTION_MS)
             page.goto(f"{jupyterlab.url}/lab/tree/00_tour.ipynb?token={jupyterlab.token}")
@@ -230,8 +262,9 @@ def test_tour_runs_and_the_explorer_redraws(jupyterlab):
             explorer.scroll_into_view_if_needed()
             overlay = explorer.locator("canvas.sx-overlay")
             mask = explorer.locator("canvas.sx-mask")
-            page.wait_for_function("element => Number(element.dataset.heatVersion || 0) > 0",
-                                   arg=explorer.element_handle())
+            page.wait_for_function(
+                "element => Number(element.dataset.heatVersion || 0) > 0", arg=explorer.element_handle()
+            )
             page.screenshot(path=str(ARTIFACTS / "tour_after_run_all.png"))
             explorer.screenshot(path=str(ARTIFACTS / "explorer_initial.png"))
             assert "circle" in explorer.locator(".sx-chip.sx-selected").inner_text()
@@ -297,11 +330,13 @@ def test_tour_runs_and_the_explorer_redraws(jupyterlab):
             x0 = explorer.locator("img.sx-x0")
             frame_before = x0.get_attribute("src")
             _set_slider(explorer.locator("input.sx-trajectory-step"), 0)
-            page.wait_for_function("([img, src]) => img.getAttribute('src') !== src",
-                                   arg=[x0.element_handle(), frame_before])
+            page.wait_for_function(
+                "([img, src]) => img.getAttribute('src') !== src", arg=[x0.element_handle(), frame_before]
+            )
 
             # Generate: controls disabled and a progress bar while the model runs, then the new run on screen.
-            page.evaluate("""element => {
+            page.evaluate(
+                """element => {
                 window.__sdlabSawBusy = false;
                 window.__sdlabProgress = [];
                 new MutationObserver(() => {
@@ -311,19 +346,25 @@ def test_tour_runs_and_the_explorer_redraws(jupyterlab):
                     const seen = window.__sdlabProgress;
                     if (progress > 0 && !seen.includes(progress)) seen.push(progress);
                 }).observe(element, {attributes: true, subtree: true});
-            }""", explorer.element_handle())
+            }""",
+                explorer.element_handle(),
+            )
             picture = _pixels(overlay)
             explorer.locator("input.sx-gen-prompt").fill("a green star above a yellow heart")
             explorer.locator("input.sx-gen-seed").fill("3")
             explorer.locator("button.sx-generate-button").click()
-            page.wait_for_function("element => [...element.querySelectorAll('.sx-chip')]"
-                                   ".some(chip => chip.textContent === 'star')",
-                                   arg=explorer.element_handle(), timeout=STEP_ACTION_MS)
+            page.wait_for_function(
+                "element => [...element.querySelectorAll('.sx-chip')].some(chip => chip.textContent === 'star')",
+                arg=explorer.element_handle(),
+                timeout=STEP_ACTION_MS,
+            )
             page.wait_for_function("element => !element.classList.contains('sx-busy')", arg=explorer.element_handle())
             assert page.evaluate("window.__sdlabSawBusy"), "the controls were not disabled while generating"
             assert len(page.evaluate("window.__sdlabProgress")) >= 2, "the progress bar did not move while generating"
-            page.wait_for_function("([canvas, before]) => canvas.toDataURL('image/png') !== before",
-                                   arg=[overlay.element_handle(), picture])
+            page.wait_for_function(
+                "([canvas, before]) => canvas.toDataURL('image/png') !== before",
+                arg=[overlay.element_handle(), picture],
+            )
             assert explorer.locator(".sx-message").inner_text() == ""
             assert explorer.locator("input.sx-gen-seed").input_value() == "3"
             explorer.screenshot(path=str(ARTIFACTS / "explorer_after_generate.png"))
@@ -346,18 +387,25 @@ def test_tour_runs_and_the_explorer_redraws(jupyterlab):
     summary = {
         "run_all_seconds": round(run_all_seconds, 1),
         "kernel_redraws": len(timings["kernel_ms"]),
-        "kernel_redraw_ms_median_by_control": {control: statistics.median(samples)
-                                               for control, samples in timings["kernel_ms_by_control"].items()},
-        "kernel_redraw_ms": {"median": statistics.median(timings["kernel_ms"]),
-                             "p90": sorted(timings["kernel_ms"])[int(0.9 * (len(timings["kernel_ms"]) - 1))],
-                             "max": max(timings["kernel_ms"])},
+        "kernel_redraw_ms_median_by_control": {
+            control: statistics.median(samples) for control, samples in timings["kernel_ms_by_control"].items()
+        },
+        "kernel_redraw_ms": {
+            "median": statistics.median(timings["kernel_ms"]),
+            "p90": sorted(timings["kernel_ms"])[int(0.9 * (len(timings["kernel_ms"]) - 1))],
+            "max": max(timings["kernel_ms"]),
+        },
         "local_redraw_ms": timings["local_ms"],
         "playwright_round_trip_ms_median": statistics.median(timings["playwright_round_trip_ms"]),
         "samples": timings,
         "requests_outside_the_server": requests_out,
     }
     (ARTIFACTS / "widget_redraw.json").write_text(json.dumps(summary, indent=1))
-    print("\nredraw after a step-slider move (ms):", summary["kernel_redraw_ms"],
-          "| local redraws (ms):", timings["local_ms"])
+    print(
+        "\nredraw after a step-slider move (ms):",
+        summary["kernel_redraw_ms"],
+        "| local redraws (ms):",
+        timings["local_ms"],
+    )
     assert requests_out == [], f"the page fetched from outside the local server: {requests_out[:5]}"
     assert summary["kernel_redraw_ms"]["median"] < REDRAW_SANITY_BOUND_MS

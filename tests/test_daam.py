@@ -1,7 +1,5 @@
 """lab.daam on tiny random pipelines: DAAM heat maps, open-vocabulary and self-attention maps, the x0 trajectory."""
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -72,8 +70,9 @@ def test_multi_token_word_is_the_mean_of_its_tokens(sd1):
     tokens = lab.token_indices(sd1, prompt, "hexagonal")
     assert len(tokens) == 3
     probs, sizes = plain_capture(sd1, prompt)
-    np.testing.assert_allclose(run.heat_map("hexagonal").values, hand_daam(probs, sizes, tokens, 0, (64, 64)).numpy(),
-                               rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(
+        run.heat_map("hexagonal").values, hand_daam(probs, sizes, tokens, 0, (64, 64)).numpy(), rtol=1e-4, atol=1e-7
+    )
     assert "hexagonal" in run.words()
 
 
@@ -163,8 +162,9 @@ def test_other_families(family, request, restored):
         run.heat_map("horse", heads=max(heads))
     # v-prediction (sd2) and Euler (sdxl): the last x0_hat is the image the pipeline decoded.
     assert np.abs(run.x0_images[-1, 0].astype(float) - run.image_arrays[0]).mean() < 2.0
-    np.testing.assert_allclose(run.open_vocab_map("horse", attribution_prompt=PROMPT).values, heat_map.values,
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        run.open_vocab_map("horse", attribution_prompt=PROMPT).values, heat_map.values, rtol=1e-4, atol=1e-6
+    )
 
 
 def test_img2img(sd1, restored):
@@ -181,7 +181,9 @@ def test_context_manager_form_matches_trace_generation(sd1, run):
     with lab.daam.trace(sd1, per_step=True) as recording:
         out = sd1(PROMPT, num_inference_steps=STEPS, height=64, width=64, generator=torch.Generator().manual_seed(0))
     mine = recording.result(PROMPT, images=out.images)
-    np.testing.assert_array_equal(mine.heat_map("horse", steps=[0, 3]).values, run.heat_map("horse", steps=[0, 3]).values)
+    np.testing.assert_array_equal(
+        mine.heat_map("horse", steps=[0, 3]).values, run.heat_map("horse", steps=[0, 3]).values
+    )
     np.testing.assert_array_equal(mine.x0_images, run.x0_images)
 
 
@@ -220,11 +222,14 @@ def test_every_kind_of_layer_selector(run):
     assert up_fine.sites == tuple(n for n in run.site_groups["up"] if n in run.site_groups["8x8"])
     name = run.site_groups["mid"][0]
     assert run.heat_map("horse", sites=name).sites == (name,)
-    assert run.heat_map("horse", sites="up_blocks.1.*").sites == tuple(n for n in run.site_groups["all"] if n.startswith("up_blocks.1."))
+    assert run.heat_map("horse", sites="up_blocks.1.*").sites == tuple(
+        n for n in run.site_groups["all"] if n.startswith("up_blocks.1.")
+    )
     assert run.heat_map("horse", sites="re:^down").sites == tuple(run.site_groups["down"])
     assert run.heat_map("horse", sites=lambda site: site.level == 1).sites == tuple(run.site_groups["4x4"])
     assert run.heat_map("horse", sites=["mid", "down"]).sites == tuple(
-        n for n in run.site_groups["all"] if n in run.site_groups["mid"] + run.site_groups["down"])
+        n for n in run.site_groups["all"] if n in run.site_groups["mid"] + run.site_groups["down"]
+    )
 
 
 def test_layer_selectors_on_a_loaded_run_are_lab_selectors(run, tmp_path):
@@ -249,23 +254,29 @@ def test_layer_selectors_on_a_loaded_run_are_lab_selectors(run, tmp_path):
 
 def test_recording_touches_the_unet_only_through_lab_hooks(sd1):
     with lab.daam.trace(sd1, per_step=True) as recording:
-        hooks = [hook for module in sd1.unet.modules()
-                 for hook in [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]]
+        hooks = [
+            hook
+            for module in sd1.unet.modules()
+            for hook in [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+        ]
         assert hooks and all(getattr(hook, "lab_hook", False) for hook in hooks)
         sd1(PROMPT, num_inference_steps=2, height=64, width=64, output_type="latent")
     assert recording.result(PROMPT).num_steps == 2
 
 
-@pytest.mark.parametrize("kwargs,error,message", [
-    (dict(sites="16x16"), ValueError, "Valid groups: all, 8x8, 4x4, down, mid, up"),
-    (dict(sites="down_blocks.0.attentions.0.transformer_blocks.0.attn1"), ValueError, "Valid groups"),
-    (dict(steps=range(2, 2)), ValueError, "empty"),
-    (dict(steps=[1, 4]), ValueError, r"out of range: this run has steps 0..3"),
-    (dict(steps="early"), TypeError, "steps must be"),
-    (dict(heads=[]), ValueError, "empty"),
-    (dict(heads=2), ValueError, "out of range"),
-    (dict(image=1), ValueError, "1 image"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        (dict(sites="16x16"), ValueError, "Valid groups: all, 8x8, 4x4, down, mid, up"),
+        (dict(sites="down_blocks.0.attentions.0.transformer_blocks.0.attn1"), ValueError, "Valid groups"),
+        (dict(steps=range(2, 2)), ValueError, "empty"),
+        (dict(steps=[1, 4]), ValueError, r"out of range: this run has steps 0..3"),
+        (dict(steps="early"), TypeError, "steps must be"),
+        (dict(heads=[]), ValueError, "empty"),
+        (dict(heads=2), ValueError, "out of range"),
+        (dict(image=1), ValueError, "1 image"),
+    ],
+)
 def test_bad_slices_are_clear_errors(run, kwargs, error, message):
     with pytest.raises(error, match=message):
         run.heat_map("horse", **kwargs)
@@ -274,8 +285,12 @@ def test_bad_slices_are_clear_errors(run, kwargs, error, message):
 def test_trajectory_and_queries_without_per_step_maps(sd1):
     run = traced(sd1, trajectory=True, open_vocabulary=True)
     assert not run.per_step and len(run.x0[0]) == STEPS
-    np.testing.assert_allclose(run.open_vocab_map("horse", attribution_prompt=PROMPT).values, run.heat_map("horse").values,
-                               rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(
+        run.open_vocab_map("horse", attribution_prompt=PROMPT).values,
+        run.heat_map("horse").values,
+        rtol=1e-4,
+        atol=1e-7,
+    )
     assert run.open_vocab_map("horse", steps=[0]).values.shape == (64, 64)  # the queries are per step
 
 
@@ -287,7 +302,7 @@ def test_running_means_refuse_step_and_head_slices(sd1):
     with pytest.raises(ValueError, match="per_step=True"):
         run.heat_map("horse", heads=0)
     with pytest.raises(ValueError, match="trajectory was not recorded"):
-        run.x0
+        run.x0  # noqa: B018
     with pytest.raises(ValueError, match="open_vocabulary=True"):
         run.open_vocab_map("zebra")
 
@@ -298,7 +313,9 @@ def test_sliced_heat_maps_reuse_the_word_maps(run):
     run.heat_map("horse")
     cached = dict(run._word_maps)
     for step in range(6):
-        sliced = run.heat_map("horse", steps=range(step % STEPS, STEPS), sites=["8x8", "4x4", "all"][step % 3], heads=step % 2)
+        sliced = run.heat_map(
+            "horse", steps=range(step % STEPS, STEPS), sites=["8x8", "4x4", "all"][step % 3], heads=step % 2
+        )
         assert sliced.values.shape == (64, 64)
     assert run._word_maps.keys() == cached.keys() and all(run._word_maps[k] is cached[k] for k in cached)
 
@@ -361,11 +378,14 @@ def test_an_optimised_token_transfers_to_another_run_of_the_same_pipeline(run, s
         xl_run.open_vocab_map(token)
 
 
-@pytest.mark.parametrize("mask, message", [
-    (np.ones((32, 32)), "32x32"),
-    (np.ones((64, 48)), "48x64"),
-    (np.ones((64, 64, 3)), "2-D"),
-])
+@pytest.mark.parametrize(
+    "mask, message",
+    [
+        (np.ones((32, 32)), "32x32"),
+        (np.ones((64, 48)), "48x64"),
+        (np.ones((64, 64, 3)), "2-D"),
+    ],
+)
 def test_token_optimisation_needs_a_mask_of_the_image_size(run, mask, message):
     with pytest.raises(ValueError, match=message):
         run.optimize_token("horse", mask, epochs=1, progress=False)
@@ -392,8 +412,9 @@ def test_self_attention_row_is_the_captured_row(run):
     x, y = 20, 45  # latent cell (row 5, column 2) of an 8x8 grid over 64 px
     row = run.self_attention[name][:, 0, 5 * 8 + 2].mean(dim=0).reshape(1, 1, 8, 8)
     expected = F.interpolate(row, size=(64, 64), mode="bicubic", align_corners=False)[0, 0].clamp(min=0)
-    np.testing.assert_allclose(run.self_attention_map(x, y, sites=name).values, (expected / expected.sum()).numpy(),
-                               rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(
+        run.self_attention_map(x, y, sites=name).values, (expected / expected.sum()).numpy(), rtol=1e-4, atol=1e-8
+    )
 
 
 @pytest.mark.parametrize("x,y", [(64, 0), (0, 64), (-1, 3)])
@@ -403,7 +424,7 @@ def test_pixel_outside_the_image_is_an_error(run, x, y):
 
 
 def test_default_self_attention_layers_respect_the_native_resolution(sd1):
-    """"auto" keeps self-attention layers with at most 32x32 queries at the UNet's native size."""
+    """ "auto" keeps self-attention layers with at most 32x32 queries at the UNet's native size."""
     recording = lab.daam.trace(sd1)
     self_sites = [site for site in lab.sites(sd1) if site.kind == "self"]
     assert all(recording.self_selector(site) for site in self_sites)  # 8x8 native latent: all of them
@@ -484,7 +505,7 @@ def test_pipeline_is_restored_after_an_exception_inside_a_run(sd1, restored):
     with pytest.raises(ZeroDivisionError):
         with lab.daam.trace(sd1, per_step=True):
             sd1(PROMPT, num_inference_steps=2, height=64, width=64, output_type="latent")
-            1 / 0
+            1 / 0  # noqa: B018
     assert snapshot(sd1.unet)[0] == before[0]
     check()
 
@@ -502,8 +523,15 @@ def test_bad_trace_arguments_change_nothing(sd1, restored):
 
 def test_shorthand_sites_record_cross_attention_only(sd1):
     run = traced(sd1, sites="8x8", self_attention_sites="4x4")
-    assert set(run.cross_attention) == set(run.site_groups["all"]) and list(run.site_groups) == ["all", "8x8", "down", "up"]
-    assert all(run.sites[name].kind == "self" and run.sites[name].attention_size == (4, 4) for name in run.self_attention)
+    assert set(run.cross_attention) == set(run.site_groups["all"]) and list(run.site_groups) == [
+        "all",
+        "8x8",
+        "down",
+        "up",
+    ]
+    assert all(
+        run.sites[name].kind == "self" and run.sites[name].attention_size == (4, 4) for name in run.self_attention
+    )
 
 
 def test_memory_guard_says_what_to_narrow(sd1, restored):
@@ -526,8 +554,10 @@ def test_downsampled_maps_still_cover_the_image(sd1):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not (lab.pipelines.EMBEDDED_MODEL / "model_index.json").exists(),
-                    reason="needs the trained TinyWorld model in lab/models/tinyworld-sd")
+@pytest.mark.skipif(
+    not (lab.pipelines.EMBEDDED_MODEL / "model_index.json").exists(),
+    reason="needs the trained TinyWorld model in lab/models/tinyworld-sd",
+)
 def test_tinyworld_object_word_maps_peak_inside_the_object():
     """Render known scenes, let the model redraw them (img2img keeps the layout), and check that
     each object noun's DAAM map peaks inside that object's ground-truth mask (dilated by 2 px)."""
@@ -545,8 +575,15 @@ def test_tinyworld_object_word_maps_peak_inside_the_object():
         scene = world.sample_scene(seed, n_objects=2)
         rendered = world.render(scene)
         prompt = world.fixed_caption(scene)
-        run = lab.daam.trace_generation(img2img, prompt, image=Image.fromarray(rendered.image), strength=0.5,
-                                        num_inference_steps=20, guidance_scale=5.0, seed=seed)
+        run = lab.daam.trace_generation(
+            img2img,
+            prompt,
+            image=Image.fromarray(rendered.image),
+            strength=0.5,
+            num_inference_steps=20,
+            guidance_scale=5.0,
+            seed=seed,
+        )
         for index, obj in enumerate(scene.objects):
             occurrence = sum(other.shape == obj.shape for other in scene.objects[:index])
             x, y = run.heat_map(obj.shape, occurrence=occurrence).peak()

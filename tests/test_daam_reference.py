@@ -17,8 +17,9 @@ DATA = Path(__file__).parent / "data"
 sys.path.insert(0, str(DATA))
 from make_daam_reference import OUT, reference_maps  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not (EMBEDDED_MODEL / "model_index.json").exists(),
-                                reason="the embedded model is not in this checkout")
+pytestmark = pytest.mark.skipif(
+    not (EMBEDDED_MODEL / "model_index.json").exists(), reason="the embedded model is not in this checkout"
+)
 
 
 @pytest.fixture(scope="module")

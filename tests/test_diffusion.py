@@ -13,8 +13,14 @@ from lab import diffusion
 
 torch.set_num_threads(1)
 
-SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                   set_alpha_to_one=False, steps_offset=1)
+SD_SCHEDULE = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
 
 
 def ddim(**config) -> DDIMScheduler:
@@ -81,8 +87,10 @@ def daam_predicted_clean_latents(sample, model_output, alpha_bar, prediction_typ
 def test_predicted_x0_is_bit_identical_to_daams(prediction_type):
     sample, output = randn(2, 4, 8, 8, seed=1), randn(2, 4, 8, 8, seed=2)
     for abar in [0.9991, 0.5, float(ddim().alphas_cumprod[700])]:
-        assert torch.equal(diffusion.predicted_x0(output, sample, abar, prediction_type),
-                           daam_predicted_clean_latents(sample, output, abar, prediction_type))
+        assert torch.equal(
+            diffusion.predicted_x0(output, sample, abar, prediction_type),
+            daam_predicted_clean_latents(sample, output, abar, prediction_type),
+        )
 
 
 @pytest.mark.parametrize("alpha_bar", [0.0, 0.02, 0.7, torch.tensor([0.0, 0.3, 0.99])])
@@ -97,8 +105,11 @@ def test_conversions_invert_the_forward_process(alpha_bar):
             with pytest.raises(ValueError, match="zero-terminal-SNR"):
                 diffusion.predicted_x0(output, x_t, alpha_bar, kind)
             continue
-        for convert, target in [(diffusion.predicted_x0, x0), (diffusion.predicted_epsilon, eps),
-                                (diffusion.predicted_v, v)]:
+        for convert, target in [
+            (diffusion.predicted_x0, x0),
+            (diffusion.predicted_epsilon, eps),
+            (diffusion.predicted_v, v),
+        ]:
             torch.testing.assert_close(convert(output, x_t, alpha_bar, kind), target, atol=1e-9, rtol=1e-9)
     with pytest.raises(ValueError, match="prediction_type"):
         diffusion.predicted_x0(x0, x_t, 0.5, "flow")
@@ -108,10 +119,18 @@ def test_add_noise_is_the_schedulers():
     x0, noise = randn(4, 4, 8, 8, seed=5), randn(4, 4, 8, 8, seed=6)
     timesteps = torch.tensor([999, 500, 20, 0])
     for scheduler in [ddim(), DDPMScheduler(), ddim(rescale_betas_zero_snr=True)]:
-        torch.testing.assert_close(diffusion.add_noise(scheduler, x0, noise, timesteps),
-                                   scheduler.add_noise(x0, noise, timesteps), atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(diffusion.add_noise(scheduler, x0, noise, 500),
-                                   scheduler.add_noise(x0, noise, torch.tensor([500])), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            diffusion.add_noise(scheduler, x0, noise, timesteps),
+            scheduler.add_noise(x0, noise, timesteps),
+            atol=1e-6,
+            rtol=1e-5,
+        )
+        torch.testing.assert_close(
+            diffusion.add_noise(scheduler, x0, noise, 500),
+            scheduler.add_noise(x0, noise, torch.tensor([500])),
+            atol=1e-6,
+            rtol=1e-5,
+        )
 
 
 # -- DDIM -----------------------------------------------------------------------------------------
@@ -143,8 +162,12 @@ def test_ddim_step_clips_x0_like_ddim_scheduler_and_refuses_thresholding():
     scheduler.set_timesteps(4)
     sample, output, t = randn(2, 4, 8, 8, seed=18) * 3, randn(2, 4, 8, 8, seed=19), scheduler.timesteps[1]
     assert diffusion.predicted_x0(output, sample, diffusion.alpha_bar(scheduler, t), "epsilon").abs().max() > 1
-    torch.testing.assert_close(diffusion.ddim_step(scheduler, sample, output, t),
-                               scheduler.step(output, t, sample).prev_sample, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        diffusion.ddim_step(scheduler, sample, output, t),
+        scheduler.step(output, t, sample).prev_sample,
+        atol=1e-5,
+        rtol=1e-5,
+    )
     with pytest.raises(ValueError, match="thresholding"):
         diffusion.ddim_step(ddim(thresholding=True), sample, output, 500, 250)
 
@@ -159,8 +182,9 @@ def test_ddim_step_where_diffusers_leaves_the_schedule(spacing):
     theirs = scheduler.step(output, t, sample).prev_sample
     assert diffusion.previous_timestep(scheduler, t) != int(t) - 142
     assert not torch.allclose(diffusion.ddim_step(scheduler, sample, output, t), theirs, atol=1e-5)
-    torch.testing.assert_close(diffusion.ddim_step(scheduler, sample, output, t, int(t) - 142), theirs,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        diffusion.ddim_step(scheduler, sample, output, t, int(t) - 142), theirs, atol=1e-5, rtol=1e-5
+    )
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
@@ -200,10 +224,12 @@ def test_ddim_invert_step_is_ddim_inverse_schedulers(prediction_type, spacing):
         source = max(int(t) - 100, -1)
         output = randn(2, 4, 8, 8, seed=300 + i)
         theirs = inverse.step(output, t, sample).prev_sample
-        torch.testing.assert_close(diffusion.ddim_invert_step(scheduler, sample, output, source, t), theirs,
-                                   atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(diffusion.ddim_invert_step(inverse, sample, output, source, t), theirs,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            diffusion.ddim_invert_step(scheduler, sample, output, source, t), theirs, atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(
+            diffusion.ddim_invert_step(inverse, sample, output, source, t), theirs, atol=1e-5, rtol=1e-5
+        )
         sample = theirs
 
 
@@ -227,8 +253,9 @@ def daam_decode_latents(pipe, latents, chunk=8):
     vae, config = pipe.vae, pipe.vae.config
     latents_mean, latents_std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
     if latents_mean is not None and latents_std is not None:
-        latents = latents * torch.tensor(latents_std).view(1, -1, 1, 1) / config.scaling_factor \
-            + torch.tensor(latents_mean).view(1, -1, 1, 1)
+        latents = latents * torch.tensor(latents_std).view(1, -1, 1, 1) / config.scaling_factor + torch.tensor(
+            latents_mean
+        ).view(1, -1, 1, 1)
     else:
         latents = latents / config.scaling_factor
         if getattr(config, "shift_factor", None) is not None:
@@ -236,7 +263,7 @@ def daam_decode_latents(pipe, latents, chunk=8):
     images = []
     with torch.no_grad():
         for start in range(0, len(latents), chunk):
-            decoded = vae.decode(latents[start:start + chunk].to(vae.device, vae.dtype), return_dict=False)[0]
+            decoded = vae.decode(latents[start : start + chunk].to(vae.device, vae.dtype), return_dict=False)[0]
             images.append(pipe.image_processor.postprocess(decoded, output_type="np"))
     return (np.concatenate(images) * 255).round().astype(np.uint8)
 
@@ -245,8 +272,11 @@ def daam_decode_latents(pipe, latents, chunk=8):
 def vae_variants():
     """A tiny SD pipeline per VAE scaling convention: plain, shift_factor (SD3-like), latents_mean/std (SDXL-like)."""
     pipes = {}
-    for name, extra in [("plain", {}), ("shift", {"shift_factor": 0.1}),
-                        ("mean_std", {"latents_mean": [0.1, -0.2, 0.3, 0.0], "latents_std": [1.5, 0.5, 2.0, 1.0]})]:
+    for name, extra in [
+        ("plain", {}),
+        ("shift", {"shift_factor": 0.1}),
+        ("mean_std", {"latents_mean": [0.1, -0.2, 0.3, 0.0], "latents_std": [1.5, 0.5, 2.0, 1.0]}),
+    ]:
         pipe = lab.testing.tiny_sd1_pipeline()
         pipe.vae.register_to_config(**extra)
         pipes[name] = pipe
@@ -310,11 +340,16 @@ def test_force_upcast_runs_a_float16_vae_in_float32_and_puts_it_back():
 
 def test_encode_image_refuses_what_it_would_have_to_guess(sd1):
     rgb = np.zeros((64, 64, 3), dtype=np.uint8)
-    for bad, message in [(Image.new("RGBA", (64, 64)), "convert"), (Image.new("L", (64, 64)), "convert"),
-                         (Image.new("RGB", (70, 64)), "multiple of 8"), (rgb.astype(np.float32), "uint8"),
-                         (torch.zeros(1, 3, 64, 64) + 2, r"x \* 2 - 1"), (torch.zeros(3, 64, 64), "B, 3, H, W"),
-                         ([Image.new("RGB", (64, 64)), Image.new("RGB", (64, 128))], "differ in size"),
-                         ("image.png", "str")]:
+    for bad, message in [
+        (Image.new("RGBA", (64, 64)), "convert"),
+        (Image.new("L", (64, 64)), "convert"),
+        (Image.new("RGB", (70, 64)), "multiple of 8"),
+        (rgb.astype(np.float32), "uint8"),
+        (torch.zeros(1, 3, 64, 64) + 2, r"x \* 2 - 1"),
+        (torch.zeros(3, 64, 64), "B, 3, H, W"),
+        ([Image.new("RGB", (64, 64)), Image.new("RGB", (64, 128))], "differ in size"),
+        ("image.png", "str"),
+    ]:
         with pytest.raises(ValueError, match=message):
             diffusion.encode_image(sd1, bad)
 
@@ -340,12 +375,18 @@ def test_encode_prompt_is_the_pipelines(sd1, sdxl):
 def test_unet_inputs_time_ids_are_the_sdxl_pipelines(sdxl):
     embeddings = diffusion.encode_prompt(sdxl, ["a", "b"])
     inputs = embeddings.unet_inputs(sdxl, 64, 96)
-    expected = sdxl._get_add_time_ids((64, 96), (0, 0), (64, 96), dtype=embeddings.cond.dtype,
-                                      text_encoder_projection_dim=sdxl.text_encoder_2.config.projection_dim)
+    expected = sdxl._get_add_time_ids(
+        (64, 96),
+        (0, 0),
+        (64, 96),
+        dtype=embeddings.cond.dtype,
+        text_encoder_projection_dim=sdxl.text_encoder_2.config.projection_dim,
+    )
     assert torch.equal(inputs["added_cond_kwargs"]["time_ids"], expected.repeat(4, 1))
     assert torch.equal(inputs["encoder_hidden_states"], torch.cat([embeddings.uncond, embeddings.cond]))
-    assert torch.equal(inputs["added_cond_kwargs"]["text_embeds"],
-                       torch.cat([embeddings.pooled_uncond, embeddings.pooled_cond]))
+    assert torch.equal(
+        inputs["added_cond_kwargs"]["text_embeds"], torch.cat([embeddings.pooled_uncond, embeddings.pooled_cond])
+    )
     unguided = diffusion.encode_prompt(sdxl, "a", guidance=False)
     with pytest.raises(ValueError, match="no unconditional half"):
         unguided.unet_inputs(sdxl, 64, 64)
@@ -403,8 +444,10 @@ def hand_written_loop(pipe, prompt, latents, steps, guidance_scale, guidance_res
     return latents
 
 
-@pytest.mark.parametrize("name,guidance_rescale", [("sd1", 0.0), ("sd2", 0.0), ("sdxl", 0.0), ("sd2", 0.7),
-                                                   ("embedded", 0.0), ("embedded", 0.7)])
+@pytest.mark.parametrize(
+    "name,guidance_rescale",
+    [("sd1", 0.0), ("sd2", 0.0), ("sdxl", 0.0), ("sd2", 0.7), ("embedded", 0.0), ("embedded", 0.7)],
+)
 def test_hand_written_loop_reproduces_the_pipeline(request, name, guidance_rescale):
     pipe = request.getfixturevalue(name)
     if name != "embedded":
@@ -418,9 +461,17 @@ def test_hand_written_loop_reproduces_the_pipeline(request, name, guidance_resca
         final["latents"] = kwargs["latents"]
         return kwargs
 
-    images = pipe(prompt, num_inference_steps=4, guidance_scale=5.0, guidance_rescale=guidance_rescale,
-                  latents=start.clone(), height=64, width=64, output_type="np",
-                  callback_on_step_end=keep_latents).images
+    images = pipe(
+        prompt,
+        num_inference_steps=4,
+        guidance_scale=5.0,
+        guidance_rescale=guidance_rescale,
+        latents=start.clone(),
+        height=64,
+        width=64,
+        output_type="np",
+        callback_on_step_end=keep_latents,
+    ).images
     ours = hand_written_loop(pipe, prompt, start.clone(), 4, 5.0, guidance_rescale)
     torch.testing.assert_close(ours, final["latents"], atol=1e-5, rtol=1e-5)
     assert np.array_equal(diffusion.decode_latents(pipe, final["latents"]), (images * 255).round().astype(np.uint8))
@@ -434,8 +485,15 @@ def test_model_prediction_drives_the_pipelines_own_euler_scheduler(sdxl):
     """SDXL's Euler scheduler scales the UNet input (scale_model_input) and starts at init_noise_sigma."""
     pipe = with_scheduler(sdxl, type(sdxl.scheduler).from_config(sdxl.scheduler.config))  # its own step counter
     start = randn(1, 4, 8, 8, seed=17)
-    theirs = pipe("a red circle", num_inference_steps=3, guidance_scale=5.0, latents=start.clone(), height=64,
-                  width=64, output_type="latent").images
+    theirs = pipe(
+        "a red circle",
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        latents=start.clone(),
+        height=64,
+        width=64,
+        output_type="latent",
+    ).images
     ours = hand_written_loop(pipe, "a red circle", start.clone(), 3, 5.0, step=pipe.scheduler.step)
     assert pipe.scheduler.init_noise_sigma > 1
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)

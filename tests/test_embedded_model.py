@@ -11,8 +11,9 @@ import lab
 from lab.pipelines import EMBEDDED_MODEL
 from lab.tinyworld.judge import score_prompt
 
-pytestmark = pytest.mark.skipif(not (EMBEDDED_MODEL / "model_index.json").exists(),
-                                reason="the embedded model is not in this checkout")
+pytestmark = pytest.mark.skipif(
+    not (EMBEDDED_MODEL / "model_index.json").exists(), reason="the embedded model is not in this checkout"
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +43,12 @@ def test_cross_attention_at_16x16_and_8x8(pipe):
 
 def test_generation_is_deterministic_from_a_seed(pipe):
     def generate(seed):
-        return np.asarray(pipe("a blue star", num_inference_steps=8, guidance_scale=5.0,
-                               generator=torch.Generator().manual_seed(seed)).images[0])
+        return np.asarray(
+            pipe(
+                "a blue star", num_inference_steps=8, guidance_scale=5.0, generator=torch.Generator().manual_seed(seed)
+            ).images[0]
+        )
+
     a, b, c = generate(3), generate(3), generate(4)
     assert a.shape == (64, 64, 3)
     assert np.array_equal(a, b)
@@ -58,10 +63,22 @@ def test_load_pipeline_device_and_dtype(pipe):
 
 def test_judged_smoke_set_of_single_objects(pipe):
     # One prompt per shape, colours spread; 20 DDIM steps, guidance 5, as the quality measurements use.
-    prompts = ["a red circle", "a blue square", "a yellow triangle", "a green star", "a pink heart",
-               "a purple cross", "an orange circle", "a brown square"]
-    images = pipe(prompts, num_inference_steps=20, guidance_scale=5.0,
-                  generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))]).images
+    prompts = [
+        "a red circle",
+        "a blue square",
+        "a yellow triangle",
+        "a green star",
+        "a pink heart",
+        "a purple cross",
+        "an orange circle",
+        "a brown square",
+    ]
+    images = pipe(
+        prompts,
+        num_inference_steps=20,
+        guidance_scale=5.0,
+        generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
+    ).images
     correct = [score_prompt(p, im)["all_present"] for p, im in zip(prompts, images)]
     # Chance is 1/48 per image (6 shapes x 8 colours). The model gets ~94 % of single objects right on
     # the held-out split (datasets/tinyworld/README.md); 6 of 8 leaves room for seed luck, not for a regression.
@@ -72,8 +89,15 @@ def test_first_step_layout_probe_reads_the_model_and_leaves_sampling_as_it_was(p
     from lab.tinyworld.evaluate import first_step_layout
 
     def generate():
-        return np.asarray(pipe("a red circle left of a blue square", num_inference_steps=8, guidance_scale=5.0,
-                               generator=torch.Generator().manual_seed(0)).images[0])
+        return np.asarray(
+            pipe(
+                "a red circle left of a blue square",
+                num_inference_steps=8,
+                guidance_scale=5.0,
+                generator=torch.Generator().manual_seed(0),
+            ).images[0]
+        )
+
     before = generate()
     prompts = ["a red circle left of a blue square", "a red circle and a red star"]
     result = first_step_layout(pipe, prompts, seeds=(0,), steps=8, return_images=True)
@@ -88,7 +112,9 @@ def test_first_step_layout_probe_reads_the_model_and_leaves_sampling_as_it_was(p
     cond, uncond = pipe.encode_prompt(prompts[:1], "cpu", 1, True, negative_prompt=[""])
     noise = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        uncond_out, cond_out = pipe.unet(torch.cat([noise, noise]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+        uncond_out, cond_out = pipe.unet(
+            torch.cat([noise, noise]), t, encoder_hidden_states=torch.cat([uncond, cond])
+        ).sample.chunk(2)
         x0 = scheduler.step(uncond_out + 5.0 * (cond_out - uncond_out), t, noise).pred_original_sample
         image = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample[0]
     expected = ((image.clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).numpy().round()

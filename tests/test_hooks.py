@@ -6,9 +6,9 @@ import warnings
 import pytest
 import torch
 from conftest import generate, snapshot
+from diffusers.models.attention_processor import Attention
 
 import lab
-from diffusers.models.attention_processor import Attention
 
 PROMPT = "a photograph of an astronaut riding a horse"
 CROSS_UP = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
@@ -25,7 +25,9 @@ def test_sites_index_every_attention_module_and_block(any_pipe):
     found = lab.sites(any_pipe)
     attention_names = {name for name, module in unet.named_modules() if isinstance(module, Attention)}
     assert {s.name for s in found if s.is_attention} == attention_names
-    assert {s.name for s in found if s.is_attention} == {name.removesuffix(".processor") for name in unet.attn_processors}
+    assert {s.name for s in found if s.is_attention} == {
+        name.removesuffix(".processor") for name in unet.attn_processors
+    }
     blocks = [s.name for s in found if s.kind == "block"]
     assert blocks == [f"down_blocks.{i}" for i in range(len(unet.down_blocks))] + ["mid_block"] + [
         f"up_blocks.{i}" for i in range(len(unet.up_blocks))
@@ -60,7 +62,9 @@ def test_selectors_every_kind(sdxl):
     cross = [n for n in names if n.endswith("attn2")]
     self_ = [n for n in names if n.endswith("attn1")]
 
-    assert pick(CROSS_UP.replace("up_blocks.1", "up_blocks.0")) == ["up_blocks.0.attentions.0.transformer_blocks.0.attn2"]
+    assert pick(CROSS_UP.replace("up_blocks.1", "up_blocks.0")) == [
+        "up_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    ]
     assert pick("cross") == cross
     assert pick("self") == self_
     assert pick("attention") == [n for n in names if n.endswith(("attn1", "attn2"))]
@@ -91,7 +95,10 @@ def test_level_shorthand_and_unknown_level(sd1):
 
 
 def test_unknown_selectors_are_clear_errors(sd1):
-    with pytest.raises(ValueError, match=r"unknown site .*attn3.*Did you mean: up_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn[12]"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown site .*attn3.*Did you mean: up_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn[12]",
+    ):
         lab.select_sites(sd1, "up_blocks.1.attentions.0.transformer_blocks.0.attn3")
     with pytest.raises(ValueError, match="Did you mean: cross"):
         lab.select_sites(sd1, "crosss")
@@ -116,7 +123,16 @@ def test_unet_site_is_picked_only_by_its_exact_name(sd1):
     assert "unet" not in names and [s.name for s in lab.sites(sd1, unet=True)] == ["unet"] + names
     assert lab.select_sites(sd1, "unet") == [lab.Site("unet", "unet", "unet", 0, sd1.unet)]
     assert lab.select_sites(sd1, "unet")[0].module is sd1.unet and not lab.select_sites(sd1, "unet")[0].is_attention
-    for selector in ("*", "re:.*", re.compile("unet|blocks"), lambda s: True, "attention", "blocks", "level0", "blocks 8x8"):
+    for selector in (
+        "*",
+        "re:.*",
+        re.compile("unet|blocks"),
+        lambda s: True,
+        "attention",
+        "blocks",
+        "level0",
+        "blocks 8x8",
+    ):
         picked = [s.name for s in lab.select_sites(sd1, selector, latent_size=(8, 8))]
         assert "unet" not in picked, selector
     assert [s.name for s in lab.select_sites(sd1, ["unet", "mid_block"])] == ["unet", "mid_block"]
@@ -124,13 +140,23 @@ def test_unet_site_is_picked_only_by_its_exact_name(sd1):
 
 def test_select_sites_on_a_list_of_site_records_without_a_model(sd1):
     records = [lab.Site(s.name, s.kind, s.place, s.level, None) for s in lab.sites(sd1, unet=True)]
-    for selector, latent_size in [("cross up", None), ("self 4x4", (8, 8)), ("level1", None), ("up_blocks.1.*", None),
-                                  ("re:attn2$", None), (["mid", "blocks"], None), ("unet", None), (CROSS_UP, None),
-                                  (lambda s: s.level == 0, None)]:
+    for selector, latent_size in [
+        ("cross up", None),
+        ("self 4x4", (8, 8)),
+        ("level1", None),
+        ("up_blocks.1.*", None),
+        ("re:attn2$", None),
+        (["mid", "blocks"], None),
+        ("unet", None),
+        (CROSS_UP, None),
+        (lambda s: s.level == 0, None),
+    ]:
         from_model = [s.name for s in lab.select_sites(sd1, selector, latent_size=latent_size)]
         assert [s.name for s in lab.select_sites(records, selector, latent_size=latent_size)] == from_model, selector
     cross = [r for r in records if r.kind == "cross"]
-    assert [s.name for s in lab.select_sites(cross, "8x8", latent_size=(8, 8))] == [s.name for s in cross if s.level == 0]
+    assert [s.name for s in lab.select_sites(cross, "8x8", latent_size=(8, 8))] == [
+        s.name for s in cross if s.level == 0
+    ]
     with pytest.raises(ValueError, match="shorthand 'self' matches no site"):
         lab.select_sites(cross, "self")
     with pytest.raises(ValueError, match="latent_size"):
@@ -190,12 +216,15 @@ def test_unet_site_edits_input_and_output(sd1, restored):
     check()
 
 
-@pytest.mark.parametrize("call,message", [
-    (lambda tr: tr.capture("unet", "probs"), r"'probs' does not exist at unet"),
-    (lambda tr: tr.capture("cross", "input"), r"'input' does not exist at down_blocks"),
-    (lambda tr: tr.capture("blocks", "q"), r"'q' does not exist at down_blocks.0, "),
-    (lambda tr: tr.capture("unet", "output", reduce=lab.Mean(over=("steps", "heads"))), "no heads axis"),
-])
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda tr: tr.capture("unet", "probs"), r"'probs' does not exist at unet"),
+        (lambda tr: tr.capture("cross", "input"), r"'input' does not exist at down_blocks"),
+        (lambda tr: tr.capture("blocks", "q"), r"'q' does not exist at down_blocks.0, "),
+        (lambda tr: tr.capture("unet", "output", reduce=lab.Mean(over=("steps", "heads"))), "no heads axis"),
+    ],
+)
 def test_unet_site_bad_requests_change_nothing(sd1, restored, call, message):
     check = restored(sd1)
     with lab.trace(sd1) as tr:
@@ -741,7 +770,9 @@ def test_families_batches_and_non_square_latents(family, request, restored):
     with lab.trace(pipe) as tr:
         probs = tr.capture("cross", "probs", reduce=lab.Mean(over=("steps", "heads")))
         feats = tr.capture("blocks", "output")
-        latents = generate(pipe, ["a red circle", "a blue square"], steps=2, height=64, width=96, num_images_per_prompt=2)
+        latents = generate(
+            pipe, ["a red circle", "a blue square"], steps=2, height=64, width=96, num_images_per_prompt=2
+        )
     assert latents.shape == (4, 4, 8, 12)
     for name, tensor in probs.result().items():
         h, w = probs.sizes[name]

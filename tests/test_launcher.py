@@ -66,8 +66,13 @@ def _start(argv: list[str], tmp_path: Path, env: dict[str, str] | None = None, r
     """Start the launcher; return (its Popen, the stand-in's pid, the stand-in's arguments, the record file)."""
     record = tmp_path / "stand-in.txt"
     log = open(tmp_path / "launcher.log", "wb")
-    process = subprocess.Popen(argv, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                               env={**os.environ, "SDLAB_TEST_RECORD": str(record), **(env or {})})
+    process = subprocess.Popen(
+        argv,
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "SDLAB_TEST_RECORD": str(record), **(env or {})},
+    )
     deadline = time.monotonic() + ready_within
     while not record.exists():
         if process.poll() is not None or time.monotonic() > deadline:
@@ -109,8 +114,11 @@ def test_a_stop_signal_reaches_jupyterlab_and_the_launcher_exits_with_its_status
 def test_a_jupyterlab_ended_by_the_signal_gives_status_128_plus_its_number(tmp_path):
     stand_in = tmp_path / "stand_in.py"
     stand_in.write_text(STAND_IN)
-    process, child, _, _ = _start([sys.executable, "-c", RUN_STAND_IN, str(LAUNCHER), str(stand_in)], tmp_path,
-                                  env={"SDLAB_TEST_DEFAULT_SIGNALS": "1"})
+    process, child, _, _ = _start(
+        [sys.executable, "-c", RUN_STAND_IN, str(LAUNCHER), str(stand_in)],
+        tmp_path,
+        env={"SDLAB_TEST_DEFAULT_SIGNALS": "1"},
+    )
     assert _stop_and_check(process, child, signal.SIGTERM) == 128 + signal.SIGTERM
 
 
@@ -137,8 +145,11 @@ def test_sigterm_to_sdlab_lab_stops_the_jupyterlab_it_started(tmp_path):
     path = os.pathsep.join(filter(None, [str(tmp_path / "fake"), str(ROOT), os.environ.get("PYTHONPATH")]))
     sdlab = "import sys; from lab.cli import main; sys.exit(main())"  # what the `sdlab` console script runs
     process, child, arguments, record = _start(
-        [sys.executable, "-c", sdlab, "lab", "--dir", "work", "--no-browser"], tmp_path,
-        env={"PYTHONPATH": path}, ready_within=240)
+        [sys.executable, "-c", sdlab, "lab", "--dir", "work", "--no-browser"],
+        tmp_path,
+        env={"PYTHONPATH": path},
+        ready_within=240,
+    )
     assert f"--ServerApp.root_dir={(tmp_path / 'work').resolve()}" in arguments.split()
     assert _stop_and_check(process, child, signal.SIGTERM) == 7
     assert record.with_suffix(".signal").read_text() == "SIGTERM"
@@ -150,8 +161,10 @@ def test_sigterm_to_sdlab_lab_stops_the_jupyterlab_it_started(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv, seeds", [([], (0, 1, 2, 3)), (["--first-seed", "4"], (4, 5, 6, 7)),
-                                         (["--seeds", "2", "--first-seed", "10"], (10, 11))])
+@pytest.mark.parametrize(
+    "argv, seeds",
+    [([], (0, 1, 2, 3)), (["--first-seed", "4"], (4, 5, 6, 7)), (["--seeds", "2", "--first-seed", "10"], (10, 11))],
+)
 def test_eval_seeds_start_at_first_seed_and_default_to_0_to_3(argv, seeds, monkeypatch, tmp_path):
     import lab.pipelines
     from lab.tinyworld import evaluate

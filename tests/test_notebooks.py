@@ -15,14 +15,21 @@ import lab.pipelines
 from lab import launcher
 
 NOTEBOOKS = ["00_tour", "01_attribution"]
-needs_model = pytest.mark.skipif(not (lab.pipelines.EMBEDDED_MODEL / "model_index.json").exists(),
-                                 reason="the embedded TinyWorld model is not in lab/models/tinyworld-sd")
+needs_model = pytest.mark.skipif(
+    not (lab.pipelines.EMBEDDED_MODEL / "model_index.json").exists(),
+    reason="the embedded TinyWorld model is not in lab/models/tinyworld-sd",
+)
 
 
 def parameter_names(notebook) -> set[str]:
     cell = next(cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", []))
-    return {target.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign)
-            for target in node.targets if isinstance(target, ast.Name)}
+    return {
+        target.id
+        for node in ast.parse(cell.source).body
+        if isinstance(node, ast.Assign)
+        for target in node.targets
+        if isinstance(target, ast.Name)
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -121,8 +128,11 @@ def test_notebook_runs_top_to_bottom(name, tmp_path):
     launcher.execute_notebook(notebook, tmp_path)  # raises CellExecutionError at the first failing cell
     outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
     assert not [output for output in outputs if output.output_type == "error"]
-    explorers = [output for output in outputs if "text/html" in output.get("data", {})
-                 and "sdlab-explorer-static" in output.data["text/html"]]
+    explorers = [
+        output
+        for output in outputs
+        if "text/html" in output.get("data", {}) and "sdlab-explorer-static" in output.data["text/html"]
+    ]
     assert explorers and "application/vnd.jupyter.widget-view+json" in explorers[-1].data
 
 

@@ -45,18 +45,30 @@ def test_round_trip_keeps_tensors_images_settings_and_versions(toy, tmp_path):
     assert not list(folder.glob("*.pt")) and not list(folder.glob("*.pkl"))
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda f: (f / Toy.METADATA_FILE).write_text('{"format": "sdlab.test.Toy", "vers'), "is corrupted.*save the result again"),
-    (lambda f: (f / Toy.METADATA_FILE).unlink(), "has no result.json"),
-    (lambda f: (f / Toy.TENSORS_FILE).unlink(), "tensors.safetensors is missing"),
-    (lambda f: (f / Toy.TENSORS_FILE).write_bytes(b"\x00" * 5), "corrupted or not a safetensors file"),
-    (lambda f: (f / Toy.METADATA_FILE).write_text(json.dumps({"format": "sdlab.other", "version": 1})),
-     "not an sdlab Toy.*holds 'sdlab.other'"),
-    (lambda f: (f / Toy.METADATA_FILE).write_text(json.dumps({"format": "sdlab.test.Toy", "version": 9})),
-     "version 9.*reads versions up to 2: update sdlab"),
-    (lambda f: (f / Toy.METADATA_FILE).write_text(json.dumps({"format": "sdlab.test.Toy", "version": 2})),
-     "incomplete or corrupted"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda f: (f / Toy.METADATA_FILE).write_text('{"format": "sdlab.test.Toy", "vers'),
+            "is corrupted.*save the result again",
+        ),
+        (lambda f: (f / Toy.METADATA_FILE).unlink(), "has no result.json"),
+        (lambda f: (f / Toy.TENSORS_FILE).unlink(), "tensors.safetensors is missing"),
+        (lambda f: (f / Toy.TENSORS_FILE).write_bytes(b"\x00" * 5), "corrupted or not a safetensors file"),
+        (
+            lambda f: (f / Toy.METADATA_FILE).write_text(json.dumps({"format": "sdlab.other", "version": 1})),
+            "not an sdlab Toy.*holds 'sdlab.other'",
+        ),
+        (
+            lambda f: (f / Toy.METADATA_FILE).write_text(json.dumps({"format": "sdlab.test.Toy", "version": 9})),
+            "version 9.*reads versions up to 2: update sdlab",
+        ),
+        (
+            lambda f: (f / Toy.METADATA_FILE).write_text(json.dumps({"format": "sdlab.test.Toy", "version": 2})),
+            "incomplete or corrupted",
+        ),
+    ],
+)
 def test_a_damaged_folder_is_a_clear_error(toy, tmp_path, damage, message):
     folder = toy.save(tmp_path / "toy")
     damage(folder)

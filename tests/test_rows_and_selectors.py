@@ -154,10 +154,12 @@ def test_exact_names_never_match_by_prefix(sd1):
 
 
 def test_daam_sites_take_the_cross_attention_part_of_a_shorthand(sd1):
-    run = lab.daam.trace_generation(sd1, PROMPTS[0], num_inference_steps=2, height=64, width=64, sites="up",
-                                    self_attention_sites=None)
-    assert run.cross_attention and all(run.sites[name].kind == "cross" and run.sites[name].place == "up"
-                                       for name in run.cross_attention)
+    run = lab.daam.trace_generation(
+        sd1, PROMPTS[0], num_inference_steps=2, height=64, width=64, sites="up", self_attention_sites=None
+    )
+    assert run.cross_attention and all(
+        run.sites[name].kind == "cross" and run.sites[name].place == "up" for name in run.cross_attention
+    )
     with pytest.raises(ValueError, match="picks no cross-attention layers"):
         lab.daam.trace(sd1, sites="self up")
 

@@ -4,10 +4,23 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from lab.tinyworld.judge import parse_prompt, read_image, score_prompt
 from lab.tinyworld.evaluate import evaluate_judge, prompt_split, relation_offset
-from lab.tinyworld.world import (COLORS, KEYPOINT_NAMES, SHAPES, TEXTURES, Scene, WorldObject, background_image,
-                                 caption, fixed_caption, mirror_scene, relation_holds, render, sample_scene)
+from lab.tinyworld.judge import parse_prompt, read_image, score_prompt
+from lab.tinyworld.world import (
+    COLORS,
+    KEYPOINT_NAMES,
+    SHAPES,
+    TEXTURES,
+    Scene,
+    WorldObject,
+    background_image,
+    caption,
+    fixed_caption,
+    mirror_scene,
+    relation_holds,
+    render,
+    sample_scene,
+)
 
 SEEDS = range(10_000_000, 10_000_060)
 
@@ -46,7 +59,7 @@ def test_masks_match_rendered_pixels():
 def test_masks_have_the_size_of_the_object():
     scene = Scene([WorldObject("square", "red", 20.0, "plain", 32.0, 32.0)], "plain")
     mask = render(scene).masks[0]
-    assert abs(mask.sum() - 18.0 ** 2) <= 2 * 18  # the unit square spans 0.9 of the extent
+    assert abs(mask.sum() - 18.0**2) <= 2 * 18  # the unit square spans 0.9 of the extent
 
 
 def test_keypoints_lie_on_their_shapes():
@@ -127,8 +140,16 @@ def test_relation_offset_reads_sides_from_colours_and_tells_a_mirrored_picture()
 
 
 def test_sample_scene_fixes_requested_attributes():
-    scene = sample_scene(3, n_objects=2, shape="heart", color="pink", texture="dotted", background="grass",
-                         relation="above", second_shape="cross")
+    scene = sample_scene(
+        3,
+        n_objects=2,
+        shape="heart",
+        color="pink",
+        texture="dotted",
+        background="grass",
+        relation="above",
+        second_shape="cross",
+    )
     assert (scene.objects[0].shape, scene.objects[0].color, scene.objects[0].texture) == ("heart", "pink", "dotted")
     assert scene.objects[1].shape == "cross" and scene.background == "grass" and scene.relation == "above"
     with pytest.raises(TypeError, match="unknown scene attributes"):
@@ -168,8 +189,14 @@ def test_judge_tolerates_blur_and_colour_drift():
 
 
 def test_judge_reports_every_attribute():
-    scene = Scene([WorldObject("star", "purple", 26.0, "striped", 20.0, 30.0),
-                   WorldObject("circle", "yellow", 14.0, "dotted", 48.0, 30.0)], "sky", relation="left of")
+    scene = Scene(
+        [
+            WorldObject("star", "purple", 26.0, "striped", 20.0, 30.0),
+            WorldObject("circle", "yellow", 14.0, "dotted", 48.0, 30.0),
+        ],
+        "sky",
+        relation="left of",
+    )
     reading = read_image(render(scene).image)
     assert reading.background == "sky"
     got = sorted((d.shape, d.color, d.texture, d.size_label) for d in reading.objects)
@@ -186,16 +213,29 @@ def test_judge_reports_every_attribute():
 def test_summary_says_what_the_judge_read_where_a_texture_was_asked():
     from lab.tinyworld.evaluate import summarize
 
-    scene = Scene([WorldObject("star", "purple", 26.0, "striped", 20.0, 30.0),
-                   WorldObject("circle", "yellow", 14.0, "dotted", 48.0, 30.0)], "sky", relation="left of")
+    scene = Scene(
+        [
+            WorldObject("star", "purple", 26.0, "striped", 20.0, 30.0),
+            WorldObject("circle", "yellow", 14.0, "dotted", 48.0, 30.0),
+        ],
+        "sky",
+        relation="left of",
+    )
     image = render(scene).image
-    prompts = ["a striped purple star left of a dotted yellow circle",  # both right
-               "a dotted purple star left of a striped yellow circle",  # both textures swapped
-               "a purple star, a yellow circle and a dotted green heart",  # a third object the image lacks
-               "a purple star"]                                            # no texture asked
+    prompts = [
+        "a striped purple star left of a dotted yellow circle",  # both right
+        "a dotted purple star left of a striped yellow circle",  # both textures swapped
+        "a purple star, a yellow circle and a dotted green heart",  # a third object the image lacks
+        "a purple star",
+    ]  # no texture asked
     summary = summarize([(p, score_prompt(p, image)) for p in prompts])
-    assert summary["texture_confusion"] == {"dotted -> dotted": 1, "dotted -> missing": 1, "dotted -> striped": 1,
-                                            "striped -> dotted": 1, "striped -> striped": 1}
+    assert summary["texture_confusion"] == {
+        "dotted -> dotted": 1,
+        "dotted -> missing": 1,
+        "dotted -> striped": 1,
+        "striped -> dotted": 1,
+        "striped -> striped": 1,
+    }
     assert summary["texture"] == 2 / 5
     assert summarize([("a purple star", score_prompt("a purple star", image))])["texture_confusion"] is None
 
@@ -237,10 +277,15 @@ class _RenderingPipe:
             spec = parse_prompt(prompt)
             first, second = ((16, 32), (48, 32))
             if self.follows_relation:
-                first, second = {"left of": ((16, 32), (48, 32)), "right of": ((48, 32), (16, 32)),
-                                 "above": ((32, 16), (32, 48)), "below": ((32, 48), (32, 16))}[spec.relation]
-            objects = [WorldObject(o["shape"], o["color"], 16.0, "plain", *at)
-                       for o, at in zip(spec.objects, (first, second))]
+                first, second = {
+                    "left of": ((16, 32), (48, 32)),
+                    "right of": ((48, 32), (16, 32)),
+                    "above": ((32, 16), (32, 48)),
+                    "below": ((32, 48), (32, 16)),
+                }[spec.relation]
+            objects = [
+                WorldObject(o["shape"], o["color"], 16.0, "plain", *at) for o, at in zip(spec.objects, (first, second))
+            ]
             images.append(Image.fromarray(render(Scene(objects, "plain")).image))
         return SimpleNamespace(images=images)
 

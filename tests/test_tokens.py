@@ -51,7 +51,10 @@ def test_only_whole_words_match(tokenizer):
 
 
 def test_absent_word_lists_the_prompt_words(tokenizer):
-    with pytest.raises(ValueError, match="'cat' is not in the prompt. The prompt's words: a, photograph, of, an, astronaut, riding, a, horse"):
+    with pytest.raises(
+        ValueError,
+        match="'cat' is not in the prompt. The prompt's words: a, photograph, of, an, astronaut, riding, a, horse",
+    ):
         lab.token_indices(tokenizer, PROMPT, "cat")
     with pytest.raises(ValueError, match="non-empty"):
         lab.token_indices(tokenizer, PROMPT, "  ")
@@ -59,7 +62,9 @@ def test_absent_word_lists_the_prompt_words(tokenizer):
 
 def test_word_beyond_the_max_length_is_an_error(tokenizer):
     long_prompt = " ".join(["red"] * 80) + " horse"
-    with pytest.raises(ValueError, match=r"position\(s\) \[81\], beyond the 77 tokens .* truncated after 'red red red'"):
+    with pytest.raises(
+        ValueError, match=r"position\(s\) \[81\], beyond the 77 tokens .* truncated after 'red red red'"
+    ):
         lab.token_indices(tokenizer, long_prompt, "horse")
     # The last kept content position is 75 (76 is the end token after truncation).
     edge = " ".join(["red"] * 74) + " horse"

@@ -12,8 +12,28 @@ from safetensors.torch import load_file
 from lab.tinyworld import train
 from lab.tinyworld.world import mirror_scene
 
-TOY = ["--n-images", "48", "--text-steps", "3", "--text-batch", "8", "--vae-steps", "3", "--vae-batch", "8",
-       "--decoder-steps", "2", "--unet-steps", "3", "--unet-batch", "8", "--eval-seeds", "0", "--threads", "1"]
+TOY = [
+    "--n-images",
+    "48",
+    "--text-steps",
+    "3",
+    "--text-batch",
+    "8",
+    "--vae-steps",
+    "3",
+    "--vae-batch",
+    "8",
+    "--decoder-steps",
+    "2",
+    "--unet-steps",
+    "3",
+    "--unet-batch",
+    "8",
+    "--eval-seeds",
+    "0",
+    "--threads",
+    "1",
+]
 
 
 def test_training_runs_every_stage_and_exports_a_pipeline(tmp_path):
@@ -74,8 +94,7 @@ def test_the_time_budget_counts_the_minutes_spent_before_a_resume(tmp_path):
     (tmp_path / "unet_ckpt" / "clock.json").write_text(json.dumps({"unet_seconds": 90.0}))
 
     # 90 s were spent before; the budget is 60 s: the resumed run stops at once, at step 5.
-    train.train_unet(tmp_path, latents, 1.0, scenes, steps=10, batch=2, lr=1e-3, seed=0, device="cpu",
-                     max_minutes=1.0)
+    train.train_unet(tmp_path, latents, 1.0, scenes, steps=10, batch=2, lr=1e-3, seed=0, device="cpu", max_minutes=1.0)
     state = json.loads((tmp_path / "unet_final" / "state.json").read_text())
     assert state["step"] == 5 and state["unet_seconds"] >= 90.0
 
@@ -188,15 +207,21 @@ def test_object_weights_raise_the_reconstruction_loss_on_object_pixels_only(tmp_
     ones = torch.ones_like(weights)
     # Unweighted, the two errors cost about the same (only the image-gradient term differs by where the noise lies);
     # weighted, the error on the objects costs several times more.
-    plain_ratio = train.reconstruction_loss(object_error, x, ones) / train.reconstruction_loss(background_error, x, ones)
-    weighted_ratio = (train.reconstruction_loss(object_error, x, weights)
-                      / train.reconstruction_loss(background_error, x, weights))
+    plain_ratio = train.reconstruction_loss(object_error, x, ones) / train.reconstruction_loss(
+        background_error, x, ones
+    )
+    weighted_ratio = train.reconstruction_loss(object_error, x, weights) / train.reconstruction_loss(
+        background_error, x, weights
+    )
     assert 0.8 < plain_ratio < 1.25
     assert weighted_ratio > 3 * plain_ratio
     # Unit weights give back the plain loss: L1 + MSE + half the L1 of the image gradients.
     (gy, gx), (ty, tx) = train._image_gradients(object_error), train._image_gradients(x)
-    plain = (torch.nn.functional.l1_loss(object_error, x) + torch.nn.functional.mse_loss(object_error, x)
-             + 0.5 * (torch.nn.functional.l1_loss(gy, ty) + torch.nn.functional.l1_loss(gx, tx)))
+    plain = (
+        torch.nn.functional.l1_loss(object_error, x)
+        + torch.nn.functional.mse_loss(object_error, x)
+        + 0.5 * (torch.nn.functional.l1_loss(gy, ty) + torch.nn.functional.l1_loss(gx, tx))
+    )
     assert torch.allclose(train.reconstruction_loss(object_error, x, ones), plain)
 
 
@@ -213,8 +238,10 @@ def test_denoising_loss_weighs_object_cells_up_without_changing_the_loss_scale(t
     assert torch.allclose(train.denoising_loss(pred, target, timestep_weight), plain)
     # The same error on every cell costs the same weighted or not: the weights move the loss, not its scale.
     uniform = target + 0.1
-    assert torch.allclose(train.denoising_loss(uniform, target, timestep_weight, cells),
-                          train.denoising_loss(uniform, target, timestep_weight))
+    assert torch.allclose(
+        train.denoising_loss(uniform, target, timestep_weight, cells),
+        train.denoising_loss(uniform, target, timestep_weight),
+    )
     # An error on fully covered object cells costs 5x the same error on as many background cells.
     on, off = masks.max(axis=1) == 255, masks.max(axis=1) == 0
     for row in range(8):
@@ -224,8 +251,9 @@ def test_denoising_loss_weighs_object_cells_up_without_changing_the_loss_scale(t
     assert on.sum() > 0
     on_objects = target + 0.5 * torch.from_numpy(on)[:, None].float()
     on_background = target + 0.5 * torch.from_numpy(off)[:, None].float()
-    ratio = (train.denoising_loss(on_objects, target, timestep_weight, cells)
-             / train.denoising_loss(on_background, target, timestep_weight, cells))
+    ratio = train.denoising_loss(on_objects, target, timestep_weight, cells) / train.denoising_loss(
+        on_background, target, timestep_weight, cells
+    )
     assert torch.isclose(ratio, torch.tensor(5.0), rtol=1e-4)
 
 
@@ -268,7 +296,7 @@ def test_grounding_loss_is_zero_inside_the_mask_and_one_outside():
     assert train.grounding_loss(outside, rows, tokens, objects, masks).item() == pytest.approx(1.0, abs=1e-6)
     uniform = {"a16": torch.ones(2, 256, 77, requires_grad=True)}
     loss = train.grounding_loss(uniform, rows, tokens, objects, masks)
-    assert loss.item() == pytest.approx(0.75 ** 2, abs=1e-6)  # a quarter of uniform attention is inside
+    assert loss.item() == pytest.approx(0.75**2, abs=1e-6)  # a quarter of uniform attention is inside
     loss.backward()
     assert uniform["a16"].grad[0, :, 5].abs().sum() > 0 and uniform["a16"].grad[0, :, 6].abs().sum() == 0
 
@@ -290,28 +318,57 @@ def test_training_with_the_grounding_loss_pulls_attention_into_the_masks_and_unh
         tokenizer, shape_ids = tw_model.make_tokenizer(), train.shape_token_ids(tw_model.make_tokenizer())
         texts = [train.caption(s, 0) for s in scenes]
         ids = tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
-        nouns = [(r, t, o) for r, s in enumerate(scenes) for o, t in enumerate(train.object_nouns(ids[r].tolist(), s, shape_ids))]
+        nouns = [
+            (r, t, o)
+            for r, s in enumerate(scenes)
+            for o, t in enumerate(train.object_nouns(ids[r].tolist(), s, shape_ids))
+        ]
         rows, tokens, objects = (torch.tensor(c) for c in zip(*nouns))
         with torch.no_grad(), hooks.trace(unet, guidance="none") as tr:
             attention = tr.capture(list(train.GROUNDING_SITES), "probs", reduce=hooks.Mean(over=("steps", "heads")))
             unet(latents, torch.full((len(scenes),), 500), encoder_hidden_states=text_encoder(ids)[0])
-            return train.grounding_loss(attention.result(), rows, tokens, objects, torch.from_numpy(masks).float() / 255)
+            return train.grounding_loss(
+                attention.result(), rows, tokens, objects, torch.from_numpy(masks).float() / 255
+            )
 
-    unet, text_encoder = train.train_unet(out, latents, 1.0, scenes, steps=1, batch=8, lr=0.0, seed=0, device="cpu",
-                                          masks=masks, grounding_weight=1.0)
+    unet, text_encoder = train.train_unet(
+        out, latents, 1.0, scenes, steps=1, batch=8, lr=0.0, seed=0, device="cpu", masks=masks, grounding_weight=1.0
+    )
     start = grounding_of(unet, text_encoder)
     trained = tmp_path / "trained"
     trained.mkdir()
-    unet, text_encoder = train.train_unet(trained, latents, 1.0, scenes, steps=30, batch=8, lr=3e-3, seed=0,
-                                          device="cpu", cfg_dropout=0.0, masks=masks, grounding_weight=100.0)
+    unet, text_encoder = train.train_unet(
+        trained,
+        latents,
+        1.0,
+        scenes,
+        steps=30,
+        batch=8,
+        lr=3e-3,
+        seed=0,
+        device="cpu",
+        cfg_dropout=0.0,
+        masks=masks,
+        grounding_weight=100.0,
+    )
     state = json.loads((trained / "unet_final" / "state.json").read_text())
     assert len(state["grounding_losses"]) == 30 and state["grounding_weight"] == 100.0
     assert {name: type(p) for name, p in unet.attn_processors.items()} == processors_before
     assert not hooks.active_hooks(unet)
     assert grounding_of(unet, text_encoder) < start - 0.05
     with pytest.raises(ValueError, match="masks"):
-        train.train_unet(tmp_path / "no_masks", latents, 1.0, scenes, steps=1, batch=8, lr=0.0, seed=0, device="cpu",
-                         grounding_weight=1.0)
+        train.train_unet(
+            tmp_path / "no_masks",
+            latents,
+            1.0,
+            scenes,
+            steps=1,
+            batch=8,
+            lr=0.0,
+            seed=0,
+            device="cpu",
+            grounding_weight=1.0,
+        )
 
 
 def test_reinit_words_gives_only_those_words_fresh_distinct_embeddings():
@@ -336,8 +393,9 @@ def _targets(text: str, scene) -> tuple:
 
     tokenizer = tw_model.make_tokenizer()
     ids = tokenizer(text, padding="max_length", max_length=77).input_ids
-    targets = train.caption_targets(ids, scene, train.shape_token_ids(tokenizer), train.attribute_tokens(tokenizer),
-                                    tokenizer.eos_token_id)
+    targets = train.caption_targets(
+        ids, scene, train.shape_token_ids(tokenizer), train.attribute_tokens(tokenizer), tokenizer.eos_token_id
+    )
     if targets is None:
         return None
     nouns, eos, scene_targets = targets
@@ -345,8 +403,11 @@ def _targets(text: str, scene) -> tuple:
     def names(values: dict, heads: dict) -> dict:
         return {h: None if v == train.IGNORE else heads[h][v] for h, v in values.items()}
 
-    return ([names(t, train.NOUN_HEADS) for _, t in nouns], tokenizer.decode([ids[eos]]),
-            names(scene_targets, train.SCENE_HEADS))
+    return (
+        [names(t, train.NOUN_HEADS) for _, t in nouns],
+        tokenizer.decode([ids[eos]]),
+        names(scene_targets, train.SCENE_HEADS),
+    )
 
 
 def test_caption_targets_are_what_each_token_can_read_from_the_caption():
@@ -387,8 +448,9 @@ def test_pretraining_teaches_the_text_encoder_to_read_the_scene_from_captions(tm
 
     def shape_similarity(text_encoder) -> float:  # mean cosine between the noun tokens of "a red <shape>"
         tokenizer = tw_model.make_tokenizer()
-        ids = tokenizer([f"a red {s}" for s in train.SHAPES], padding="max_length", max_length=77,
-                        return_tensors="pt").input_ids
+        ids = tokenizer(
+            [f"a red {s}" for s in train.SHAPES], padding="max_length", max_length=77, return_tensors="pt"
+        ).input_ids
         with torch.no_grad():
             nouns = torch.nn.functional.normalize(text_encoder(ids)[0][:, 3], dim=-1)
         return float((nouns @ nouns.T)[~torch.eye(len(nouns), dtype=torch.bool)].mean())
@@ -398,7 +460,10 @@ def test_pretraining_teaches_the_text_encoder_to_read_the_scene_from_captions(tm
     trained.load_state_dict(load_file(str(path)))
     assert shape_similarity(trained) < shape_similarity(fresh) - 0.1
     # Done means done: a second call reads the result instead of training again.
-    assert train.pretrain_text_encoder(tmp_path, scenes, steps=150, batch=32, lr=2e-3, seed=0, device="cpu") == (path, summary)
+    assert train.pretrain_text_encoder(tmp_path, scenes, steps=150, batch=32, lr=2e-3, seed=0, device="cpu") == (
+        path,
+        summary,
+    )
 
 
 def test_the_documented_command_still_parses_to_the_shipped_models_training_arguments():

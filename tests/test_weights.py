@@ -4,7 +4,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import generate, snapshot, assert_restored
+from conftest import generate
 from safetensors.torch import save_file
 
 import lab
@@ -29,10 +29,16 @@ def state(pipe):
 def differences(pipe, before) -> list[str]:
     tensors, flags, types = state(pipe)
     out = [f"keys {sorted(tensors.keys() ^ before[0].keys())[:3]}"] if tensors.keys() != before[0].keys() else []
-    out += [k for k, v in tensors.items() if k in before[0]
-            and not (v.dtype == before[0][k].dtype and torch.equal(v, before[0][k]))]
-    out += [f"requires_grad/grad {k}" for k, (g, grad) in flags.items()
-            if (g, grad is None) != (before[1].get(k, (None,))[0], True)]
+    out += [
+        k
+        for k, v in tensors.items()
+        if k in before[0] and not (v.dtype == before[0][k].dtype and torch.equal(v, before[0][k]))
+    ]
+    out += [
+        f"requires_grad/grad {k}"
+        for k, (g, grad) in flags.items()
+        if (g, grad is None) != (before[1].get(k, (None,))[0], True)
+    ]
     if types != before[2]:
         out.append(f"module types {sorted(map(str, types.items() ^ before[2].items()))[:3]}")
     return out
@@ -45,6 +51,7 @@ def halve(edit):
 
 
 # ------------------------------------------------------------------------------- restoring
+
 
 def test_normal_exit_restores_bit_for_bit(any_pipe, restored):
     before, hooks, base = state(any_pipe), restored(any_pipe), generate(any_pipe)
@@ -99,10 +106,10 @@ def test_dtype_shape_and_replaced_parameter_are_restored(sd1):
     attn = sd1.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
     k, v = attn.to_k.weight, attn.to_v.weight
     with WeightEdit(sd1, KV, offload=True) as w:
-        k.data = k.data.to(torch.float16)                       # dtype changed
-        v.data = v.data[:1].clone()                             # shape changed
-        attn.to_q.weight.requires_grad_(False)                  # not selected: not ours to restore
-        attn.to_k.weight = torch.nn.Parameter(torch.zeros(3))   # another Parameter object at the name
+        k.data = k.data.to(torch.float16)  # dtype changed
+        v.data = v.data[:1].clone()  # shape changed
+        attn.to_q.weight.requires_grad_(False)  # not selected: not ours to restore
+        attn.to_k.weight = torch.nn.Parameter(torch.zeros(3))  # another Parameter object at the name
         assert {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v.weight"} <= set(w.changed())
     attn.to_q.weight.requires_grad_(True)
     assert attn.to_k.weight is k and attn.to_k.weight.dtype == torch.float32 and attn.to_v.weight.shape[0] > 1
@@ -119,7 +126,7 @@ def test_changed_structure_is_refused_after_restoring_values(sd1):
                 halve(w)
                 attn.to_k = torch.nn.Linear(original.in_features, original.out_features, bias=False)
         name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
-        assert torch.equal(original.weight, before[0][name])             # the values went back into the old module
+        assert torch.equal(original.weight, before[0][name])  # the values went back into the old module
     finally:
         attn.to_k = original
     assert differences(sd1, before) == []
@@ -129,7 +136,7 @@ def test_a_broken_restore_is_caught(sd1):
     """The checks above can fail: drop one parameter from the snapshot and `differences` names it."""
     name = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"
     before = state(sd1)
-    with WeightEdit(sd1, name):                          # the guard that cleans up after the sabotage
+    with WeightEdit(sd1, name):  # the guard that cleans up after the sabotage
         with WeightEdit(sd1, KV) as w:
             halve(w)
             del w._saved[name]
@@ -140,7 +147,7 @@ def test_a_broken_restore_is_caught(sd1):
 def test_persistent_and_keep_keep_the_change(sd1):
     name = "unet.conv_in.weight"
     original = sd1.unet.conv_in.weight.detach().clone()
-    with WeightEdit(sd1, name):                          # outer guard puts it back at the end
+    with WeightEdit(sd1, name):  # outer guard puts it back at the end
         with WeightEdit(sd1, name, persistent=True) as w:
             halve(w)
         assert torch.equal(sd1.unet.conv_in.weight, original * 0.5)
@@ -174,18 +181,22 @@ def test_an_edit_dropped_outside_with_warns(sd1):
 def test_esd_u_selection_is_everything_but_attn2(sd1):
     esd_u = weights.select_parameters(sd1.unet, lambda n, p: ".attn2." not in n)
     assert len(esd_u) + len(weights.select_parameters(sd1.unet, "*.attn2.*")) == len(list(sd1.unet.parameters()))
-    assert weights.select_parameters(sd1, "unet.down_blocks.1.*").keys().isdisjoint(
-        weights.select_parameters(sd1, "unet.down_blocks.0.*").keys())
+    assert (
+        weights.select_parameters(sd1, "unet.down_blocks.1.*")
+        .keys()
+        .isdisjoint(weights.select_parameters(sd1, "unet.down_blocks.0.*").keys())
+    )
 
 
 # ------------------------------------------------------------------------------- saving
+
 
 def test_save_load_apply_reproduces_weights_and_latents(any_pipe, tmp_path):
     before, base = state(any_pipe), generate(any_pipe)
     with WeightEdit(any_pipe, KV) as w:
         first = next(iter(w.parameters.values()))
         with torch.no_grad():
-            first.mul_(-1.5)                             # only one of them changes: only it is saved
+            first.mul_(-1.5)  # only one of them changes: only it is saved
         edited, latents = {n: p.detach().clone() for n, p in w.parameters.items()}, generate(any_pipe)
         names = w.save(tmp_path / "edit.safetensors")
         assert names == w.changed() and len(names) == 1
@@ -197,7 +208,7 @@ def test_save_load_apply_reproduces_weights_and_latents(any_pipe, tmp_path):
         assert all(torch.equal(p, edited[n]) for n, p in again.parameters.items())
         assert torch.equal(generate(any_pipe), latents)
     assert differences(any_pipe, before) == [] and torch.equal(generate(any_pipe), base)
-    with weights.load(tmp_path / "edit.safetensors").apply(any_pipe.unet):      # a pipeline's edit fits its bare UNet
+    with weights.load(tmp_path / "edit.safetensors").apply(any_pipe.unet):  # a pipeline's edit fits its bare UNet
         assert torch.equal(generate(any_pipe), latents)
     assert differences(any_pipe, before) == []
 
@@ -208,14 +219,14 @@ def test_persistent_apply(sd1, tmp_path):
             w.parameters["unet.conv_in.bias"].add_(1.0)
         w.save(tmp_path / "bias.safetensors")
         edited = sd1.unet.conv_in.bias.detach().clone()
-    with WeightEdit(sd1, "unet.conv_in.bias"):           # guard
+    with WeightEdit(sd1, "unet.conv_in.bias"):  # guard
         weights.load(tmp_path / "bias.safetensors").apply(sd1, persistent=True)
         assert torch.equal(sd1.unet.conv_in.bias, edited)
     assert not torch.equal(sd1.unet.conv_in.bias, edited)
 
 
 def test_loading_onto_another_architecture_refuses_and_changes_nothing(sd1, sd2, sdxl, tmp_path):
-    with WeightEdit(sd1.unet, "*.attn2.to_k.weight") as w:                  # saved from a bare UNet
+    with WeightEdit(sd1.unet, "*.attn2.to_k.weight") as w:  # saved from a bare UNet
         halve(w)
         w.save(tmp_path / "sd1.safetensors")
     saved = weights.load(tmp_path / "sd1.safetensors")
@@ -225,7 +236,7 @@ def test_loading_onto_another_architecture_refuses_and_changes_nothing(sd1, sd2,
             saved.apply(other)
         assert differences(other, before) == []
     before = state(sd2)
-    with pytest.warns(UserWarning, match="another architecture"):           # names and shapes fit: it can be forced
+    with pytest.warns(UserWarning, match="another architecture"):  # names and shapes fit: it can be forced
         with saved.apply(sd2, strict=False) as w:
             assert w.changed()
     assert differences(sd2, before) == []
@@ -239,6 +250,7 @@ def test_loading_onto_another_architecture_refuses_and_changes_nothing(sd1, sd2,
 
 # ------------------------------------------------------------------------------- LoRA
 
+
 def lora_config(r=4, alpha=4):
     from peft import LoraConfig
 
@@ -249,7 +261,7 @@ def randomize(lora):
     """peft starts lora_B at zero (a no-op adapter): give it values so that the adapter matters."""
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, p in lora.parameters.items():
+        for p in lora.parameters.values():
             p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
 
 
@@ -276,7 +288,7 @@ def test_exception_inside_lora_removes_it(sd1):
             optimizer.step()
             raise KeyboardInterrupt
     assert differences(sd1, before) == []
-    with pytest.raises(ValueError, match="already loaded"):      # a taken name is refused before anything is added
+    with pytest.raises(ValueError, match="already loaded"):  # a taken name is refused before anything is added
         with LoraAdapter(sd1, lora_config(), adapter_name="a"):
             LoraAdapter(sd1, lora_config(), adapter_name="a")
     assert differences(sd1, before) == []
@@ -296,9 +308,9 @@ def test_saved_lora_loads_in_plain_diffusers(kind, request, tmp_path):
 
     fresh = getattr(lab.testing, BUILDERS[kind])()
     fresh.set_progress_bar_config(disable=True)
-    fresh.load_lora_weights(tmp_path / "lora")                            # plain diffusers, no sdlab
+    fresh.load_lora_weights(tmp_path / "lora")  # plain diffusers, no sdlab
     assert torch.equal(generate(fresh), ours)
-    fresh.unload_lora_weights()           # (plain diffusers leaves every base parameter requires_grad=False)
+    fresh.unload_lora_weights()  # (plain diffusers leaves every base parameter requires_grad=False)
     fresh_before = state(fresh)
     with LoraWeights(fresh, tmp_path / "lora", scale=0.5):
         assert torch.equal(generate(fresh), half)
@@ -313,7 +325,7 @@ def test_lora_alpha_travels_with_the_file_or_is_refused(sd1, tmp_path):
         randomize(lora)
         ours = generate(sd1)
         if "unet_lora_adapter_metadata" not in inspect.signature(type(sd1).save_lora_weights).parameters:
-            with pytest.raises(NotImplementedError, match="lora_alpha"):      # diffusers before LoRA metadata
+            with pytest.raises(NotImplementedError, match="lora_alpha"):  # diffusers before LoRA metadata
                 lora.save(tmp_path / "lora")
             return
         lora.save(tmp_path / "lora")
@@ -322,6 +334,7 @@ def test_lora_alpha_travels_with_the_file_or_is_refused(sd1, tmp_path):
 
 
 # ------------------------------------------------------------------------------- with lab.trace
+
 
 def cross_maps(pipe):
     with lab.trace(pipe) as tr:

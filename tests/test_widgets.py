@@ -25,8 +25,7 @@ import lab
 import lab.pipelines
 import widgets
 from widgets.attribution import COLORMAPS, STATIC
-from widgets.base import (LabWidget, Unanswerable, colormap_table, colormap_tables, css, esm, heat_bytes,
-                          png_bytes)
+from widgets.base import LabWidget, Unanswerable, colormap_table, colormap_tables, css, esm, heat_bytes, png_bytes
 
 PROMPT = "a red circle left of a blue square"
 STEPS = 3
@@ -202,8 +201,10 @@ def test_several_images(sd1):
     assert np.array_equal(shown_heat(explorer), as_bytes(run.heat_map("blue", image=1)))
 
 
-@pytest.mark.skipif(not (lab.pipelines.EMBEDDED_MODEL / "model_index.json").exists(),
-                    reason="the embedded TinyWorld model is not in lab/models/tinyworld-sd")
+@pytest.mark.skipif(
+    not (lab.pipelines.EMBEDDED_MODEL / "model_index.json").exists(),
+    reason="the embedded TinyWorld model is not in lab/models/tinyworld-sd",
+)
 def test_no_arguments_loads_the_embedded_model_and_generates():
     explorer = widgets.AttributionExplorer(num_inference_steps=2)
     assert explorer.image_size == [64, 64] and explorer.run.num_steps == 2 and explorer.can_generate
@@ -235,7 +236,9 @@ def test_front_end_is_shipped_and_fetches_nothing():
     module = widgets.AttributionExplorer._esm
     assert module.index("function requester(") < module.index("function render(")
     assert module.rstrip().endswith("export default { render };")
-    assert widgets.AttributionExplorer._css.index(".sdlab-widget {") < widgets.AttributionExplorer._css.index(".sx-chips")
+    assert widgets.AttributionExplorer._css.index(".sdlab-widget {") < widgets.AttributionExplorer._css.index(
+        ".sx-chips"
+    )
     pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
     assert re.search(r'^widgets = \[.*"static/\*".*\]', pyproject, re.MULTILINE), "widgets/static must be package data"
 
@@ -441,7 +444,9 @@ def test_base_js_throttle_and_pixels(tmp_path):
     """base.js in node: the requester keeps one request in flight (latest wins), and the colormap and mask
     arithmetic is the one AttributionExplorer.snapshot() uses in Python."""
     script = tmp_path / "check.mjs"
-    script.write_text((STATIC / "base.js").read_text() + """
+    script.write_text(
+        (STATIC / "base.js").read_text()
+        + """
 globalThis.ImageData = class { constructor(w, h) { this.width = w; this.height = h; this.data = new Uint8ClampedArray(w * h * 4); } };
 const state = { request: 0, answered_request: 0, head: -1, word: "" };
 const listeners = {};
@@ -474,9 +479,11 @@ console.log(JSON.stringify({
   mask: Array.from(maskImage(heat, 2, 0.5).data),
   dimmed: Array.from(maskImage(heat, 2, 0.5, { base }).data),
 }));
-""")
-    result = json.loads(subprocess.run([NODE, str(script)], check=True, capture_output=True, text=True,
-                                       timeout=60).stdout)
+"""
+    )
+    result = json.loads(
+        subprocess.run([NODE, str(script)], check=True, capture_output=True, text=True, timeout=60).stdout
+    )
     assert result["whileInFlight"] == 1 and result["timed"] and result["left"] == [0]
     assert result["sent"] == [{"head": 1, "word": "", "request": 1}, {"head": 3, "word": "cat", "request": 2}]
     # The snapshot's arithmetic (AttributionExplorer.snapshot) on the same pixels.

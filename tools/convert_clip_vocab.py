@@ -1,6 +1,10 @@
 """Convert CLIP's BPE file (from open-clip-torch's wheel) to vocab.json / merges.txt for CLIPTokenizer."""
-import gzip, json, sys
+
+import gzip
+import json
+import sys
 from pathlib import Path
+
 
 def bytes_to_unicode():
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -8,8 +12,11 @@ def bytes_to_unicode():
     n = 0
     for b in range(256):
         if b not in bs:
-            bs.append(b); cs.append(256 + n); n += 1
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
     return dict(zip(bs, [chr(c) for c in cs]))
+
 
 src, out = Path(sys.argv[1]), Path(sys.argv[2])
 lines = gzip.open(src).read().decode("utf-8").split("\n")

@@ -27,9 +27,19 @@ import numpy as np
 import traitlets
 from PIL import Image
 
-from widgets.base import COLORMAPS, MAX_SENT_SIZE, LabWidget, Unanswerable, as_numpy, colormap_tables, css, esm
-from widgets.base import STATIC  # noqa: F401  (where the front end's files are; kept importable from here)
-from widgets.base import heat_bytes, png_bytes
+from widgets.base import (
+    COLORMAPS,
+    MAX_SENT_SIZE,
+    STATIC,  # noqa: F401  (where the front end's files are; kept importable from here)
+    LabWidget,
+    Unanswerable,
+    as_numpy,
+    colormap_tables,
+    css,
+    esm,
+    heat_bytes,
+    png_bytes,
+)
 
 DEFAULT_PROMPT = "a red circle left of a blue square"
 MAX_TRAJECTORY_FRAME_SIZE = 256
@@ -114,10 +124,24 @@ class AttributionExplorer(LabWidget):
     # The lab.daam run on display (not synced: it lives in the kernel).
     run = traitlets.Any(None, allow_none=True)
 
-    def __init__(self, pipe=None, run=None, prompt: str | None = None, *, seed: int = 0,
-                 num_inference_steps: int = 20, guidance_scale: float = 5.0, **kwargs):
-        super().__init__(seed=seed, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                         colormap_tables=colormap_tables(COLORMAPS), **kwargs)
+    def __init__(
+        self,
+        pipe=None,
+        run=None,
+        prompt: str | None = None,
+        *,
+        seed: int = 0,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 5.0,
+        **kwargs,
+    ):
+        super().__init__(
+            seed=seed,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            colormap_tables=colormap_tables(COLORMAPS),
+            **kwargs,
+        )
         self.pipe = pipe
         self.on_event("generate", lambda content: self.generate(), failure="generation failed")
         if run is not None:
@@ -139,8 +163,14 @@ class AttributionExplorer(LabWidget):
 
     # -- from Python -----------------------------------------------------------------------------------
 
-    def generate(self, prompt: str | None = None, *, seed: int | None = None,
-                 num_inference_steps: int | None = None, guidance_scale: float | None = None):
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        seed: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+    ):
         """Run the model on a prompt (default: the widget's settings) and show the new run. Returns it."""
         if self.pipe is None:
             raise RuntimeError("this explorer was built from a run only: pass pipe= to generate")
@@ -155,8 +185,14 @@ class AttributionExplorer(LabWidget):
             # per_step=True keeps every step, layer and head (what the sliders slice), the x̂0 trajectory
             # and the queries that open-vocabulary maps need. progress(step, total) after every step.
             run = daam.trace_generation(
-                self.pipe, self.prompt, seed=self.seed, num_inference_steps=self.num_inference_steps,
-                guidance_scale=self.guidance_scale, per_step=True, callback=progress)
+                self.pipe,
+                self.prompt,
+                seed=self.seed,
+                num_inference_steps=self.num_inference_steps,
+                guidance_scale=self.guidance_scale,
+                per_step=True,
+                callback=progress,
+            )
             self.run = run
         return run
 
@@ -169,8 +205,9 @@ class AttributionExplorer(LabWidget):
         heads = None if self.head < 0 else self.head
         if self.word in run.words(image):
             occurrence = None if self.occurrence < 0 else self.occurrence
-            return run.heat_map(self.word, image=image, steps=steps, sites=self.site_group, heads=heads,
-                                occurrence=occurrence)
+            return run.heat_map(
+                self.word, image=image, steps=steps, sites=self.site_group, heads=heads, occurrence=occurrence
+            )
         return run.open_vocab_map(self.word, image=image, steps=steps, sites=self.site_group, heads=heads)
 
     def mask(self) -> np.ndarray:
@@ -267,8 +304,15 @@ class AttributionExplorer(LabWidget):
         """The heat map on display, as the selection that made it (None: nothing to show yet)."""
         if self.run is None or not self.word:
             return None
-        return (self.image_index, self.word, self.occurrence, self.step_start, self.step_stop,
-                self.site_group, self.head)
+        return (
+            self.image_index,
+            self.word,
+            self.occurrence,
+            self.step_start,
+            self.step_stop,
+            self.site_group,
+            self.head,
+        )
 
     def answer_request(self) -> None:
         """Compute and send the heat map of the current selection."""
@@ -284,8 +328,11 @@ class AttributionExplorer(LabWidget):
         word = f"“{self.word}”" + ("" if in_prompt else " (open vocabulary: not in the prompt)")
         if in_prompt and self.occurrence >= 0:
             word += f" #{self.occurrence + 1}"
-        steps = (f"all {run.num_steps} steps" if (self.step_start, self.step_stop) == (0, run.num_steps)
-                 else f"steps {self.step_start}–{self.step_stop - 1}")
+        steps = (
+            f"all {run.num_steps} steps"
+            if (self.step_start, self.step_stop) == (0, run.num_steps)
+            else f"steps {self.step_start}–{self.step_stop - 1}"
+        )
         sites = "all layers" if self.site_group == "all" else f"{self.site_group} layers"
         heads = "all heads" if self.head < 0 else f"head {self.head}"
         return " · ".join([word, steps, sites, heads])

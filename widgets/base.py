@@ -46,8 +46,21 @@ COLORMAPS = ("jet", "turbo", "viridis", "inferno", "gray")
 # pixels, and a full SDXL image would be 1 MB per redraw.
 MAX_SENT_SIZE = 512
 
-__all__ = ["COLORMAPS", "LabWidget", "MAX_SENT_SIZE", "Progress", "Unanswerable", "as_numpy",
-           "colormap_table", "colormap_tables", "css", "esm", "heat_bytes", "png_bytes", "static_figure"]
+__all__ = [
+    "COLORMAPS",
+    "LabWidget",
+    "MAX_SENT_SIZE",
+    "Progress",
+    "Unanswerable",
+    "as_numpy",
+    "colormap_table",
+    "colormap_tables",
+    "css",
+    "esm",
+    "heat_bytes",
+    "png_bytes",
+    "static_figure",
+]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,8 +247,9 @@ class LabWidget(anywidget.AnyWidget):
 
     # -- browser events ----------------------------------------------------------------------------------
 
-    def on_event(self, name: str, handler: Callable[[dict], object], *, failure: str = "",
-                 while_busy: bool = False) -> None:
+    def on_event(
+        self, name: str, handler: Callable[[dict], object], *, failure: str = "", while_busy: bool = False
+    ) -> None:
         """Call handler(content) when the browser sends {event: name, ...}.
 
         Ignored while busy unless while_busy (a second click cannot queue a second job). An error is shown

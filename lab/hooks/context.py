@@ -78,7 +78,8 @@ def row_groups(parts: tuple[str, ...], batch: int, images: Mapping[str, tuple[in
         if outside:
             raise ValueError(
                 f"rows named {name!r} are images {list(indices)}, but this UNet call holds {per_part} image(s) "
-                f"per part ({batch} rows = {' + '.join(parts)}): name images 0..{per_part - 1}")
+                f"per part ({batch} rows = {' + '.join(parts)}): name images 0..{per_part - 1}"
+            )
         groups[name] = tuple(k * per_part + i for k in range(len(parts)) for i in indices)
     return groups
 
@@ -92,8 +93,10 @@ class Rows:
             return
         choices = [spec] if isinstance(spec, str) else list(spec) if isinstance(spec, (list, tuple)) else None
         if not choices or not all(isinstance(choice, str) and choice.split() for choice in choices):
-            raise TypeError(f"rows must be a group name such as 'cond', words such as 'cond target', or a list "
-                            f"of those, got {spec!r}")
+            raise TypeError(
+                f"rows must be a group name such as 'cond', words such as 'cond target', or a list "
+                f"of those, got {spec!r}"
+            )
         self.spec = spec
         self.alternatives = [tuple(word for word in choice.split() if word not in ALL_ROWS) for choice in choices]
 
@@ -113,8 +116,10 @@ class Rows:
         unknown = sorted(self.names - set(known))
         if unknown:
             listed = ", ".join(f"{name} ({what})" for name, what in known.items())
-            raise ValueError(f"rows={self.spec!r} names no row group: {', '.join(map(repr, unknown))}. Row groups: "
-                             f"{listed}; 'both' or 'all' for every row. Name images with trace.name_rows(...).")
+            raise ValueError(
+                f"rows={self.spec!r} names no row group: {', '.join(map(repr, unknown))}. Row groups: "
+                f"{listed}; 'both' or 'all' for every row. Name images with trace.name_rows(...)."
+            )
 
     def select(self, ctx: StepContext) -> tuple[int, ...]:
         chosen: set[int] = set()
@@ -156,6 +161,7 @@ def explicit_steps(steps) -> frozenset[int] | None:
     # non-empty one that misses the whole run is refused by the trace when the run starts.
     negative = sorted(step for step in allowed if step < 0)
     if negative:
-        raise ValueError(f"steps {negative} are negative: steps count from 0 (the first denoising step) "
-                         "to num_inference_steps - 1")
+        raise ValueError(
+            f"steps {negative} are negative: steps count from 0 (the first denoising step) to num_inference_steps - 1"
+        )
     return allowed

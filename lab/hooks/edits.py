@@ -16,8 +16,10 @@ from lab.hooks.sites import Site, canonical_what
 def rows_argument(rows, cfg, default: str) -> Rows:
     """rows= (any row group) or the older cfg= ("cond", "uncond", "both"); not both."""
     if rows is not None and cfg is not None:
-        raise ValueError(f"give rows= or cfg=, not both (got rows={rows!r}, cfg={cfg!r}); cfg= is the older "
-                         "name for the guidance groups, which rows= accepts too")
+        raise ValueError(
+            f"give rows= or cfg=, not both (got rows={rows!r}, cfg={cfg!r}); cfg= is the older "
+            "name for the guidance groups, which rows= accepts too"
+        )
     if cfg is not None and cfg not in CFG_PARTS:
         raise ValueError(f"cfg must be one of {CFG_PARTS}, got {cfg!r} (rows= also takes named row groups)")
     return Rows(rows if rows is not None else cfg if cfg is not None else default)
@@ -51,7 +53,9 @@ class _Hook:
         return self._step_ok(ctx) and bool(self.selected_rows(ctx))
 
     def _where(self) -> str:
-        sites = f"{len(self.sites)} site{'s' if len(self.sites) != 1 else ''}" if self.sites else "sites resolved at run"
+        sites = (
+            f"{len(self.sites)} site{'s' if len(self.sites) != 1 else ''}" if self.sites else "sites resolved at run"
+        )
         return f"{self.what} at {self.selector!r} ({sites})"
 
 
@@ -174,8 +178,10 @@ def scale_tokens(indices: Iterable[int], factor: float) -> Callable:
     """An edit for "probs": multiply the attention paid to the given key positions (token indices)."""
     indices = list(indices)
     if not indices or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
-        raise ValueError(f"scale_tokens needs token positions as non-negative ints, got {indices!r}; "
-                         "lab.token_indices(pipe, prompt, word) gives a word's positions")
+        raise ValueError(
+            f"scale_tokens needs token positions as non-negative ints, got {indices!r}; "
+            "lab.token_indices(pipe, prompt, word) gives a word's positions"
+        )
 
     def scale(probs: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         keys = probs.shape[-1]
@@ -184,7 +190,8 @@ def scale_tokens(indices: Iterable[int], factor: float) -> Callable:
             raise ValueError(
                 f"scale_tokens: token positions {outside} are past the {keys} keys attended to at "
                 f"{ctx.site.name if ctx.site else 'this site'} (text tokens 0..{keys - 1}); "
-                "lab.prompt_tokens(pipe, prompt) lists the positions, lab.token_indices(pipe, prompt, word) a word's")
+                "lab.prompt_tokens(pipe, prompt) lists the positions, lab.token_indices(pipe, prompt, word) a word's"
+            )
         weights = torch.ones(keys, dtype=probs.dtype, device=probs.device)
         weights[indices] = factor
         return probs * weights

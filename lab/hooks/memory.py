@@ -39,7 +39,12 @@ def hook_shape(site: Site, what: str, batch: int, latent_size, tokens: int) -> t
     height, width = site.spatial_size(latent_size)
     queries = height * width
     if site.kind == "unet":
-        return (batch, site.module.config.in_channels if what == "input" else site.module.config.out_channels, height, width)
+        return (
+            batch,
+            site.module.config.in_channels if what == "input" else site.module.config.out_channels,
+            height,
+            width,
+        )
     if not site.is_attention:
         return (batch, site.module.resnets[-1].out_channels, height, width)
     attn = site.module
@@ -69,4 +74,3 @@ def narrowing_advice(capture: Capture) -> str:
     if isinstance(reduce, Stack):
         tips.append("drop per-step storage: lab.Mean(over=('steps', ...)) instead of lab.Stack")
     return "; ".join(tips)
-

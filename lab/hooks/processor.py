@@ -17,11 +17,15 @@ from lab.hooks.sites import Site
 # here if it is plain attention.
 STANDARD_PROCESSORS: list[type] = [
     getattr(_attention_processor, name)
-    for name in ("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor", "SlicedAttnProcessor", "AttnProcessorNPU")
+    for name in (
+        "AttnProcessor",
+        "AttnProcessor2_0",
+        "XFormersAttnProcessor",
+        "SlicedAttnProcessor",
+        "AttnProcessorNPU",
+    )
     if hasattr(_attention_processor, name)
 ]
-
-
 
 
 class ExplicitAttnProcessor:
@@ -39,7 +43,16 @@ class ExplicitAttnProcessor:
         self.on_probs = on_probs
         self.owner = owner  # the Trace that installed it
 
-    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        *args,
+        **kwargs,
+    ):
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -48,7 +61,9 @@ class ExplicitAttnProcessor:
             batch, channels, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
 
-        batch_size, key_length, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        batch_size, key_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
         attention_mask = attn.prepare_attention_mask(attention_mask, key_length, batch_size)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
@@ -102,4 +117,3 @@ def unsupported_reason(site: Site, what: str, trace) -> str | None:
     if getattr(attn, "add_k_proj", None) is not None:
         return "adds projected keys/values (added_kv_proj_dim), which these hooks do not model"
     return None
-

@@ -183,5 +183,3 @@ class Stack(Reducer):
 
     def stored_shape(self, shape: tuple[int, ...], steps: int) -> tuple[int, ...]:
         return (steps, *self._batch_reduced_shape(shape))
-
-

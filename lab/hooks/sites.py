@@ -14,8 +14,6 @@ WHATS_OF_KIND = {"self": ATTENTION_WHATS, "cross": ATTENTION_WHATS, "block": BLO
 _WHAT_ALIASES = {"query": "q", "key": "k", "value": "v", "out": "output", "features": "output"}
 
 
-
-
 @dataclass(frozen=True)
 class Site:
     """One hookable place in the UNet.
@@ -82,11 +80,11 @@ def sites(model, *, unet: bool = False) -> list[Site]:
     return found
 
 
-
 def canonical_what(what: str) -> str:
     what = _WHAT_ALIASES.get(what, what)
     if what not in ATTENTION_WHATS + UNET_WHATS:
-        raise ValueError(f"unknown tensor {what!r}: choose one of {ATTENTION_WHATS} (block sites: 'output'; "
-                         f"the 'unet' site: {UNET_WHATS})")
+        raise ValueError(
+            f"unknown tensor {what!r}: choose one of {ATTENTION_WHATS} (block sites: 'output'; "
+            f"the 'unet' site: {UNET_WHATS})"
+        )
     return what
-

@@ -102,7 +102,14 @@ class _SiteTensorHook(_LabHook):
 _ACTIVE_TRACES: "weakref.WeakKeyDictionary[torch.nn.Module, Trace]" = weakref.WeakKeyDictionary()
 
 
-def trace(model, *, guidance: str = "auto", uncond_first: bool = True, memory_limit: int | None = DEFAULT_MEMORY_LIMIT, scheduler=None) -> "Trace":
+def trace(
+    model,
+    *,
+    guidance: str = "auto",
+    uncond_first: bool = True,
+    memory_limit: int | None = DEFAULT_MEMORY_LIMIT,
+    scheduler=None,
+) -> "Trace":
     """A context manager holding hooks on `model` (a pipeline or a UNet); see `Trace`."""
     return Trace(model, guidance=guidance, uncond_first=uncond_first, memory_limit=memory_limit, scheduler=scheduler)
 
@@ -174,7 +181,9 @@ class Trace:
             )
         leftovers = _leftover_hooks(self.unet)
         if leftovers:
-            raise RuntimeError(f"lab hooks are left on this UNet ({len(leftovers)}): call lab.remove_all_hooks(pipe) first")
+            raise RuntimeError(
+                f"lab hooks are left on this UNet ({len(leftovers)}): call lab.remove_all_hooks(pipe) first"
+            )
         _ACTIVE_TRACES[self.unet] = self
         self._unet_handle = self.unet.register_forward_pre_hook(_UnetCallHook(self), with_kwargs=True)
         self._state = "active"
@@ -219,7 +228,11 @@ class Trace:
         """
         if parts is not None:
             parts = tuple(parts)
-            if not parts or not all(isinstance(p, str) and p.isidentifier() for p in parts) or len(set(parts)) < len(parts):
+            if (
+                not parts
+                or not all(isinstance(p, str) and p.isidentifier() for p in parts)
+                or len(set(parts)) < len(parts)
+            ):
                 raise ValueError(f"parts must be distinct names such as ('uncond', 'cond', 'perturbed'), got {parts!r}")
             self._named_parts = parts
         taken = set(self.row_names()) - set(self._named_images)
@@ -239,8 +252,18 @@ class Trace:
 
     # -- registering edits and captures -----------------------------------------------------
 
-    def capture(self, sites, what: str, *, reduce: Reducer | None = None, rows=None, steps=None,
-                device: str | torch.device | None = "cpu", detach: bool = True, cfg: str | None = None) -> Capture:
+    def capture(
+        self,
+        sites,
+        what: str,
+        *,
+        reduce: Reducer | None = None,
+        rows=None,
+        steps=None,
+        device: str | torch.device | None = "cpu",
+        detach: bool = True,
+        cfg: str | None = None,
+    ) -> Capture:
         """Record `what` at `sites` through `reduce` (default Mean over steps).
 
         rows    which batch rows: "cond" (default), "uncond", "both" ([uncond, cond] rows, also for
@@ -257,8 +280,16 @@ class Trace:
         self._register(capture)
         return capture
 
-    def edit(self, sites, what: str, fn: Callable[[torch.Tensor, StepContext], torch.Tensor], *,
-             steps=None, rows=None, cfg: str | None = None) -> Edit:
+    def edit(
+        self,
+        sites,
+        what: str,
+        fn: Callable[[torch.Tensor, StepContext], torch.Tensor],
+        *,
+        steps=None,
+        rows=None,
+        cfg: str | None = None,
+    ) -> Edit:
         """Replace `what` at `sites` by fn(tensor, ctx), at the chosen steps and batch rows (default all;
         rows as in capture). fn sees only the chosen rows, stacked in batch order."""
         edit = Edit(self, sites, what, fn, steps, rows_argument(rows, cfg, default="both"))
@@ -286,8 +317,10 @@ class Trace:
     def _check_sites(self, hook: _Hook, chosen: list[Site]) -> None:
         missing = [site.name for site in chosen if hook.what not in WHATS_OF_KIND[site.kind]]
         if missing:
-            raise ValueError(f"{hook.what!r} does not exist at {', '.join(missing)} (attention sites have "
-                             f"{ATTENTION_WHATS}, blocks {BLOCK_WHATS}, the 'unet' site {UNET_WHATS})")
+            raise ValueError(
+                f"{hook.what!r} does not exist at {', '.join(missing)} (attention sites have "
+                f"{ATTENTION_WHATS}, blocks {BLOCK_WHATS}, the 'unet' site {UNET_WHATS})"
+            )
         problems = [
             f"{site.name} {reason}"
             for site in chosen
@@ -326,16 +359,25 @@ class Trace:
         if what == "probs":
             attn = site.module
             original = attn.processor
-            attn.set_processor(ExplicitAttnProcessor(original, lambda probs: self._dispatch(site, "probs", probs), owner=self))
+            attn.set_processor(
+                ExplicitAttnProcessor(original, lambda probs: self._dispatch(site, "probs", probs), owner=self)
+            )
             self._installed[key] = original
             return
         if site.kind == "unet":
             hook = _UnetTensorHook(self, site, what)
             # The trace's own pre-hook (step bookkeeping) was registered first, so it runs first.
-            self._installed[key] = (site.module.register_forward_pre_hook(hook, with_kwargs=True) if what == "input"
-                                    else site.module.register_forward_hook(hook))
+            self._installed[key] = (
+                site.module.register_forward_pre_hook(hook, with_kwargs=True)
+                if what == "input"
+                else site.module.register_forward_hook(hook)
+            )
             return
-        module = getattr(site.module, {"q": "to_q", "k": "to_k", "v": "to_v"}[what]) if what in ("q", "k", "v") else site.module
+        module = (
+            getattr(site.module, {"q": "to_q", "k": "to_k", "v": "to_v"}[what])
+            if what in ("q", "k", "v")
+            else site.module
+        )
         self._installed[key] = module.register_forward_hook(_SiteTensorHook(self, site, what))
 
     def _uninstall(self, key: tuple[str, str]) -> None:
@@ -400,7 +442,9 @@ class Trace:
             tokens = encoder_hidden_states.shape[1] if isinstance(encoder_hidden_states, torch.Tensor) else 77
             steps_left = len(schedule) - schedule_index if schedule_index is not None else max(len(schedule), 1)
             images = batch // len(parts) if guidance != "split" else batch
-            estimate = self._estimate(latent_size, images, steps_left, tokens, GUIDANCE_PARTS if guidance == "split" else parts)
+            estimate = self._estimate(
+                latent_size, images, steps_left, tokens, GUIDANCE_PARTS if guidance == "split" else parts
+            )
             if self.memory_limit is not None and estimate.total_bytes > self.memory_limit:
                 self._refuse(estimate)
 
@@ -464,7 +508,8 @@ class Trace:
                 raise ValueError(
                     f"{hook!r}: steps={hook.steps!r} are all outside this generation's steps "
                     f"{first_step}..{num_steps - 1} ({num_steps} in the schedule), so it would never run. "
-                    "Steps count from 0 in scheduler.timesteps; image-to-image starts late (StepContext.step).")
+                    "Steps count from 0 in scheduler.timesteps; image-to-image starts late (StepContext.step)."
+                )
 
     def _site_context(self, site: Site) -> StepContext:
         # A site called directly (not through the UNet) gets the context of the last UNet call.
@@ -494,8 +539,17 @@ class Trace:
 
     # -- memory -----------------------------------------------------------------------------
 
-    def estimate(self, height: int | None = None, width: int | None = None, *, batch: int = 1, steps: int = 50,
-                 tokens: int = 77, guidance: bool = True, latent_size: tuple[int, int] | None = None) -> MemoryEstimate:
+    def estimate(
+        self,
+        height: int | None = None,
+        width: int | None = None,
+        *,
+        batch: int = 1,
+        steps: int = 50,
+        tokens: int = 77,
+        guidance: bool = True,
+        latent_size: tuple[int, int] | None = None,
+    ) -> MemoryEstimate:
         """Bytes the registered captures would store for one generation.
 
         height, width  image size in pixels (divided by the pipeline's VAE factor), or latent_size.
@@ -519,8 +573,21 @@ class Trace:
             if not isinstance(hook, Capture):
                 continue
             groups = row_groups(parts, images * len(parts), self._named_images)
-            context = StepContext(0, 0, 0.0, None, "batched", "both", slice(0), slice(0), images * len(parts),
-                                  tuple(latent_size), -1, parts=parts, groups=groups)
+            context = StepContext(
+                0,
+                0,
+                0.0,
+                None,
+                "batched",
+                "both",
+                slice(0),
+                slice(0),
+                images * len(parts),
+                tuple(latent_size),
+                -1,
+                parts=parts,
+                groups=groups,
+            )
             rows = len(hook.rows.select(context))
             chosen = hook.selector.resolve(self.all_sites, latent_size)
             nbytes = 0
@@ -559,7 +626,11 @@ def _leftover_hooks(unet: torch.nn.Module) -> list[tuple[torch.nn.Module, str, A
     found = []
     for module in unet.modules():
         processor = getattr(module, "processor", None)
-        if isinstance(module, Attention) and isinstance(processor, ExplicitAttnProcessor) and processor.owner is not owner:
+        if (
+            isinstance(module, Attention)
+            and isinstance(processor, ExplicitAttnProcessor)
+            and processor.owner is not owner
+        ):
             found.append((module, "processor", module.processor))
         for dict_name in ("_forward_hooks", "_forward_pre_hooks"):
             for handle_id, hook in getattr(module, dict_name).items():
@@ -594,7 +665,11 @@ def remove_all_hooks(model) -> int:
             module.set_processor(item.original)
         else:
             del getattr(module, kind)[item]
-            for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+            for extra in (
+                "_forward_pre_hooks_with_kwargs",
+                "_forward_hooks_with_kwargs",
+                "_forward_hooks_always_called",
+            ):
                 getattr(module, extra, {}).pop(item, None)
         removed += 1
     return removed

@@ -57,7 +57,9 @@ def degrade(image: np.ndarray, blur_sigma: float, drift: float, seed: int) -> np
     (+drift, -drift/2, +drift/2) and pixel noise (std 4)."""
     from scipy import ndimage
 
-    out = ndimage.gaussian_filter(image.astype(float), (blur_sigma, blur_sigma, 0)) + np.array([drift, -drift / 2, drift / 2])
+    out = ndimage.gaussian_filter(image.astype(float), (blur_sigma, blur_sigma, 0)) + np.array(
+        [drift, -drift / 2, drift / 2]
+    )
     out += np.random.default_rng(seed).normal(0, 4, out.shape)
     return np.clip(out, 0, 255).astype(np.uint8)
 
@@ -82,13 +84,25 @@ def evaluate_judge(seeds=JUDGE_SPLIT, blur_sigma: float = 0.0, drift: float = 0.
             correct += ok
             for k in confusion:
                 confusion[k][f"{row['truth'][k]} -> {row['found'][k]}"] += 1
-    return {"objects": total, "fully_correct": correct / total, "missing": missing,
-            "errors": {k: {p: n for p, n in c.items() if p.split(" -> ")[0] != p.split(" -> ")[1]} for k, c in confusion.items()}}
+    return {
+        "objects": total,
+        "fully_correct": correct / total,
+        "missing": missing,
+        "errors": {
+            k: {p: n for p, n in c.items() if p.split(" -> ")[0] != p.split(" -> ")[1]} for k, c in confusion.items()
+        },
+    }
 
 
 @torch.no_grad()
-def evaluate_model(pipe, seeds=(0, 1, 2, 3), steps: int = 20, guidance: float = 5.0, batch: int = 16,
-                   sets: dict[str, list[str]] | None = None) -> dict:
+def evaluate_model(
+    pipe,
+    seeds=(0, 1, 2, 3),
+    steps: int = 20,
+    guidance: float = 5.0,
+    batch: int = 16,
+    sets: dict[str, list[str]] | None = None,
+) -> dict:
     """Generate every prompt of the split with each seed and score it with the judge."""
     sets = sets or prompt_split()
     out = {}
@@ -98,8 +112,9 @@ def evaluate_model(pipe, seeds=(0, 1, 2, 3), steps: int = 20, guidance: float = 
         for i in tqdm(range(0, len(jobs), batch), desc=f"generate + judge: {name}"):
             chunk = jobs[i : i + batch]
             generators = [torch.Generator().manual_seed(s) for _, s in chunk]
-            images = pipe([p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                          generator=generators).images
+            images = pipe(
+                [p for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance, generator=generators
+            ).images
             scores += [(p, score_prompt(p, im)) for (p, _), im in zip(chunk, images)]
         out[name] = summarize(scores)
     return out
@@ -118,8 +133,15 @@ def mirrored(prompt: str) -> str:
 
 
 @torch.no_grad()
-def relation_swap_test(pipe, prompts: list[str], seeds=(0, 1, 2, 3), steps: int = 20, guidance: float = 5.0,
-                       batch: int = 16, moved_px: float = 4.0) -> dict:
+def relation_swap_test(
+    pipe,
+    prompts: list[str],
+    seeds=(0, 1, 2, 3),
+    steps: int = 20,
+    guidance: float = 5.0,
+    batch: int = 16,
+    moved_px: float = 4.0,
+) -> dict:
     """Does the relation word steer the layout? Each two-object prompt and its mirror ("left of" <->
     "right of", "above" <-> "below") are generated from the same seed. A model that reads the relation
     moves the objects; one that ignores it draws the same picture twice (both objects within
@@ -128,8 +150,12 @@ def relation_swap_test(pipe, prompts: list[str], seeds=(0, 1, 2, 3), steps: int 
     scores = []
     for i in tqdm(range(0, len(jobs), batch), desc="relation swap test"):
         chunk = jobs[i : i + batch]
-        images = pipe([q for q, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                      generator=[torch.Generator().manual_seed(s) for _, s in chunk]).images
+        images = pipe(
+            [q for q, _ in chunk],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=[torch.Generator().manual_seed(s) for _, s in chunk],
+        ).images
         scores += [score_prompt(q, im) for (q, _), im in zip(chunk, images)]
     read = unchanged = both_right = 0
     for asked, mirror in zip(scores[0::2], scores[1::2]):
@@ -141,8 +167,12 @@ def relation_swap_test(pipe, prompts: list[str], seeds=(0, 1, 2, 3), steps: int 
         moved = max(float(np.hypot(a[0] - b[0], a[1] - b[1])) for a, b in zip(centres[:2], centres[2:]))
         unchanged += moved < moved_px
     n = len(scores) // 2
-    return {"n_pairs": n, "both_read": read / n, "layout_unchanged": unchanged / read if read else None,
-            "both_relations_correct": both_right / n}
+    return {
+        "n_pairs": n,
+        "both_read": read / n,
+        "layout_unchanged": unchanged / read if read else None,
+        "both_relations_correct": both_right / n,
+    }
 
 
 def colour_centroid(image: np.ndarray, color: str, spread: float = 40.0) -> tuple[float, float] | None:
@@ -181,8 +211,16 @@ def relation_offset(image: np.ndarray, prompt: str) -> float | None:
 
 
 @torch.no_grad()
-def first_step_layout(pipe, prompts: list[str], seeds=(0, 1, 2, 3), steps: int = 20, guidance: float = 5.0,
-                      batch: int = 16, min_offset_px: float = 2.0, return_images: bool = False) -> dict:
+def first_step_layout(
+    pipe,
+    prompts: list[str],
+    seeds=(0, 1, 2, 3),
+    steps: int = 20,
+    guidance: float = 5.0,
+    batch: int = 16,
+    min_offset_px: float = 2.0,
+    return_images: bool = False,
+) -> dict:
     """Does the model place the objects as the relation says before the noise has any say?
 
     At the first sampling step the model's estimate of the clean image (with classifier-free guidance, as
@@ -199,34 +237,46 @@ def first_step_layout(pipe, prompts: list[str], seeds=(0, 1, 2, 3), steps: int =
     offsets, decoded = [], []
     for i in tqdm(range(0, len(jobs), batch), desc="first-step layout"):
         chunk = jobs[i : i + batch]
-        cond, uncond = pipe.encode_prompt([p for p, _ in chunk], pipe.device, 1, True, negative_prompt=[""] * len(chunk))
+        cond, uncond = pipe.encode_prompt(
+            [p for p, _ in chunk], pipe.device, 1, True, negative_prompt=[""] * len(chunk)
+        )
         shape = (1, pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
         noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for _, s in chunk])
         noise = (noise * scheduler.init_noise_sigma).to(pipe.device, pipe.unet.dtype)
         x = scheduler.scale_model_input(torch.cat([noise, noise]), t)
         out_uncond, out_cond = pipe.unet(x, t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
         out = out_uncond + guidance * (out_cond - out_uncond)
-        clean = predicted_x0(model_output=out, sample=noise, alpha_bar=float(alpha),
-                             prediction_type=scheduler.config.prediction_type).to(out.dtype)
+        clean = predicted_x0(
+            model_output=out, sample=noise, alpha_bar=float(alpha), prediction_type=scheduler.config.prediction_type
+        ).to(out.dtype)
         images = pipe.vae.decode(clean / pipe.vae.config.scaling_factor).sample
         images = ((images.clamp(-1, 1) + 1) * 127.5).permute(0, 2, 3, 1).float().cpu().numpy()
         offsets += [relation_offset(im, p) for (p, _), im in zip(chunk, images)]
         decoded += list(images.round().astype(np.uint8)) if return_images else []
     read = [o for o in offsets if o is not None]
-    return {**({"images": decoded} if return_images else {}), "n_images": len(offsets), "n_read": len(read),
-            "right_side": sum(o >= min_offset_px for o in read) / len(read) if read else None,
-            "mirrored": sum(o <= -min_offset_px for o in read) / len(read) if read else None,
-            "median_offset_px": float(np.median(read)) if read else None}
+    return {
+        **({"images": decoded} if return_images else {}),
+        "n_images": len(offsets),
+        "n_read": len(read),
+        "right_side": sum(o >= min_offset_px for o in read) / len(read) if read else None,
+        "mirrored": sum(o <= -min_offset_px for o in read) / len(read) if read else None,
+        "median_offset_px": float(np.median(read)) if read else None,
+    }
 
 
 def summarize(scores: list[tuple[str, dict]]) -> dict:
     def rate(values):
         values = [v for v in values if v is not None]
         return (sum(values) / len(values)) if values else None
+
     objs = [o for _, s in scores for o in s["objects"]]
     specs = [parse_prompt(p) for p, _ in scores]
-    asked = [(want["texture"], got.get("texture_read") or "missing") for spec, (_, s) in zip(specs, scores)
-             for want, got in zip(spec.objects, s["objects"]) if want["texture"] is not None]
+    asked = [
+        (want["texture"], got.get("texture_read") or "missing")
+        for spec, (_, s) in zip(specs, scores)
+        for want, got in zip(spec.objects, s["objects"])
+        if want["texture"] is not None
+    ]
     return {
         "n_images": len(scores),
         "shape_and_color": rate([o["shape"] and o["color"] is not False for o in objs]),
@@ -236,18 +286,22 @@ def summarize(scores: list[tuple[str, dict]]) -> dict:
         "size": rate([o["size"] for o in objs]),
         "exact_object_count": rate([s["n_found"] == len(spec.objects) for spec, (_, s) in zip(specs, scores)]),
         # What the judge read where a texture was asked ("dotted -> striped": 8); "missing": no such object.
-        "texture_confusion": dict(sorted(collections.Counter(f"{a} -> {b}" for a, b in asked).items())) if asked else None,
+        "texture_confusion": dict(sorted(collections.Counter(f"{a} -> {b}" for a, b in asked).items()))
+        if asked
+        else None,
     }
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="sdlab tinyworld eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="sdlab tinyworld eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--judge", action="store_true", help="judge accuracy on the rendered split")
     p.add_argument("--model", nargs="?", const="", default=None, help="evaluate a pipeline (default: the embedded one)")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (default: 4)")
-    p.add_argument("--first-seed", type=int, default=0,
-                   help="the first of them (default: 0, so seeds 0-3; e.g. 4 for seeds 4-7)")
+    p.add_argument(
+        "--first-seed", type=int, default=0, help="the first of them (default: 0, so seeds 0-3; e.g. 4 for seeds 4-7)"
+    )
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -264,10 +318,12 @@ def main(argv=None) -> None:
         pipe.set_progress_bar_config(disable=True)
         seeds = tuple(range(args.first_seed, args.first_seed + args.seeds))
         results["model"] = evaluate_model(pipe, seeds=seeds, steps=args.steps, guidance=args.guidance)
-        results["model"]["relation_swap"] = relation_swap_test(pipe, prompt_split()["pairs"], seeds=seeds,
-                                                               steps=args.steps, guidance=args.guidance)
-        results["model"]["first_step_layout"] = first_step_layout(pipe, prompt_split()["pairs"], seeds=seeds,
-                                                                  steps=args.steps, guidance=args.guidance)
+        results["model"]["relation_swap"] = relation_swap_test(
+            pipe, prompt_split()["pairs"], seeds=seeds, steps=args.steps, guidance=args.guidance
+        )
+        results["model"]["first_step_layout"] = first_step_layout(
+            pipe, prompt_split()["pairs"], seeds=seeds, steps=args.steps, guidance=args.guidance
+        )
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

@@ -17,8 +17,21 @@ import numpy as np
 from scipy import ndimage
 from skimage.measure import label, regionprops
 
-from .world import (BACKGROUNDS, COLORS, RELATIONS, SHAPES, SIZE_RANGES, TEXTURE_INK, TEXTURES, Scene,
-                    WorldObject, _coverage, background_image, relation_holds, unit_outline)
+from .world import (
+    BACKGROUNDS,
+    COLORS,
+    RELATIONS,
+    SHAPES,
+    SIZE_RANGES,
+    TEXTURE_INK,
+    TEXTURES,
+    Scene,
+    WorldObject,
+    _coverage,
+    background_image,
+    relation_holds,
+    unit_outline,
+)
 
 PALETTE = np.array(list(COLORS.values()), float)
 COLOR_NAMES = list(COLORS)
@@ -134,7 +147,7 @@ def _texture(img: np.ndarray, mask: np.ndarray, colour: np.ndarray) -> str:
     # is ~0 on the background as on plain colour, so the object's outline adds no false orientation.
     gy, gx = np.gradient(np.clip(towards_ink, 0, 1))
     d1, d2 = (gx + gy)[inner], (gx - gy)[inner]
-    e1, e2 = (d1 ** 2).sum(), (d2 ** 2).sum()
+    e1, e2 = (d1**2).sum(), (d2**2).sum()
     anisotropy = abs(e1 - e2) / max(e1 + e2, 1e-6)
     return "striped" if anisotropy > 0.3 else "dotted"
 
@@ -153,7 +166,7 @@ def read_image(image) -> Reading:
     # Each object pixel is its colour, partly covered by ink (textures, blurred): score every palette colour
     # by the distance from the pixel to the segment colour -> ink, so a blurred yellow stripe stays yellow.
     to_ink = INK - PALETTE  # (C, 3)
-    along = np.clip(((img[..., None, :] - PALETTE) * to_ink).sum(-1) / (to_ink ** 2).sum(-1), 0.0, 0.7)
+    along = np.clip(((img[..., None, :] - PALETTE) * to_ink).sum(-1) / (to_ink**2).sum(-1), 0.0, 0.7)
     dist_segment = np.linalg.norm(img[..., None, :] - (PALETTE + along[..., None] * to_ink), axis=-1)
     nearest_colour = dist_segment.argmin(axis=-1)
     clean = dist_segment.min(axis=-1) < 40
@@ -169,13 +182,24 @@ def read_image(image) -> Reading:
         votes = np.bincount(nearest_colour[colour_pixels], minlength=len(COLOR_NAMES))
         shape, score, size, cx, cy = _classify_shape(mask, region.bbox)
         colour = int(votes.argmax())
-        objects.append(Detection(shape=shape, color=COLOR_NAMES[colour], texture=_texture(img, mask, PALETTE[colour]),
-                                 size=size, cx=cx, cy=cy, mask=mask, shape_score=score))
+        objects.append(
+            Detection(
+                shape=shape,
+                color=COLOR_NAMES[colour],
+                texture=_texture(img, mask, PALETTE[colour]),
+                size=size,
+                cx=cx,
+                cy=cy,
+                mask=mask,
+                shape_score=score,
+            )
+        )
     objects.sort(key=lambda d: -d.mask.sum())
     return Reading(background, objects)
 
 
 # ----------------------------------------------------------------------------- matching and scoring
+
 
 def match(expected: list[WorldObject], found: list[Detection]) -> list[Detection | None]:
     """For each expected object, in order, the remaining detection that best agrees with it: most
@@ -186,8 +210,10 @@ def match(expected: list[WorldObject], found: list[Detection]) -> list[Detection
         if not remaining:
             out.append(None)
             continue
-        best = max(remaining, key=lambda d: ((d.shape == e.shape) + (d.color == e.color),
-                                             -float(np.hypot(d.cx - e.cx, d.cy - e.cy))))
+        best = max(
+            remaining,
+            key=lambda d: ((d.shape == e.shape) + (d.color == e.color), -float(np.hypot(d.cx - e.cx, d.cy - e.cy))),
+        )
         out.append(best)
         remaining.remove(best)
     return out
@@ -196,14 +222,19 @@ def match(expected: list[WorldObject], found: list[Detection]) -> list[Detection
 @dataclass
 class PromptSpec:
     """What a TinyWorld prompt asks for: objects (attributes may be None = unspecified) and a relation."""
+
     objects: list[dict]
     relation: str | None = None
     background: str | None = None
 
 
 _SIZE_WORDS = {"small": "small", "tiny": "small", "little": "small", "large": "large", "big": "large"}
-_REL_PATTERNS = [(r"\b(?:to the |on the )?left of\b", "left of"), (r"\b(?:to the |on the )?right of\b", "right of"),
-                 (r"\b(?:above|over|on top of)\b", "above"), (r"\b(?:below|under|beneath)\b", "below")]
+_REL_PATTERNS = [
+    (r"\b(?:to the |on the )?left of\b", "left of"),
+    (r"\b(?:to the |on the )?right of\b", "right of"),
+    (r"\b(?:above|over|on top of)\b", "above"),
+    (r"\b(?:below|under|beneath)\b", "below"),
+]
 
 
 def parse_prompt(prompt: str) -> PromptSpec:
@@ -213,8 +244,11 @@ def parse_prompt(prompt: str) -> PromptSpec:
     for bg, pat in (("sky", r"\bsky\b"), ("grass", r"\bgrass\b"), ("plain", r"\b(?:plain|white) background\b")):
         if re.search(pat, text):
             background = bg
-            text = re.sub(r"\b(?:on|in|against) (?:a |the )?(?:plain |white |sky |grass )?(?:background|sky|grass|field of grass)\b",
-                          " ", text)
+            text = re.sub(
+                r"\b(?:on|in|against) (?:a |the )?(?:plain |white |sky |grass )?(?:background|sky|grass|field of grass)\b",
+                " ",
+                text,
+            )
     relation = None
     for pat, rel in _REL_PATTERNS:
         if re.search(pat, text):
@@ -227,12 +261,14 @@ def parse_prompt(prompt: str) -> PromptSpec:
         shape = next((w for w in words if w in SHAPES), None)
         if shape is None:
             continue
-        objects.append({
-            "shape": shape,
-            "color": next((w for w in words if w in COLORS), None),
-            "texture": next((w for w in words if w in TEXTURES), None),
-            "size_label": next((_SIZE_WORDS[w] for w in words if w in _SIZE_WORDS), None),
-        })
+        objects.append(
+            {
+                "shape": shape,
+                "color": next((w for w in words if w in COLORS), None),
+                "texture": next((w for w in words if w in TEXTURES), None),
+                "size_label": next((_SIZE_WORDS[w] for w in words if w in _SIZE_WORDS), None),
+            }
+        )
     if len(objects) != 2:
         relation = None
     return PromptSpec(objects, relation, background)
@@ -242,12 +278,25 @@ def score_prompt(prompt: str | PromptSpec, image) -> dict:
     """How well an image follows a TinyWorld prompt, attribute by attribute (None = not asked)."""
     spec = parse_prompt(prompt) if isinstance(prompt, str) else prompt
     reading = read_image(image)
-    expected = [WorldObject(shape=o["shape"], color=o["color"] or "", size=0.0, texture=o["texture"] or "",
-                            cx=float("nan"), cy=float("nan")) for o in spec.objects]
+    expected = [
+        WorldObject(
+            shape=o["shape"],
+            color=o["color"] or "",
+            size=0.0,
+            texture=o["texture"] or "",
+            cx=float("nan"),
+            cy=float("nan"),
+        )
+        for o in spec.objects
+    ]
     found = match(expected, reading.objects)
     per_object = []
     for want, got in zip(spec.objects, found):
-        r = {"present": got is not None and got.shape == want["shape"] and (want["color"] is None or got.color == want["color"])}
+        r = {
+            "present": got is not None
+            and got.shape == want["shape"]
+            and (want["color"] is None or got.color == want["color"])
+        }
         r["shape"] = got is not None and got.shape == want["shape"]
         r["color"] = None if want["color"] is None else (got is not None and got.color == want["color"])
         r["texture"] = None if want["texture"] is None else (got is not None and got.texture == want["texture"])
@@ -255,12 +304,21 @@ def score_prompt(prompt: str | PromptSpec, image) -> dict:
         r["size"] = None if want["size_label"] is None else (got is not None and got.size_label == want["size_label"])
         r["centre"] = None if got is None else (float(got.cx), float(got.cy))
         per_object.append(r)
-    result = {"objects": per_object, "n_found": len(reading.objects), "all_present": all(r["present"] for r in per_object),
-              "relation": None}
+    result = {
+        "objects": per_object,
+        "n_found": len(reading.objects),
+        "all_present": all(r["present"] for r in per_object),
+        "relation": None,
+    }
     if spec.relation is not None and len(found) == 2:
         a, b = found
-        result["relation"] = bool(a is not None and b is not None and per_object[0]["present"] and per_object[1]["present"]
-                                  and relation_holds(spec.relation, (a.cx, a.cy), (b.cx, b.cy)))
+        result["relation"] = bool(
+            a is not None
+            and b is not None
+            and per_object[0]["present"]
+            and per_object[1]["present"]
+            and relation_holds(spec.relation, (a.cx, a.cy), (b.cx, b.cy))
+        )
     return result
 
 
@@ -270,13 +328,32 @@ def judge_rendered(scene: Scene, image) -> dict:
     found = match(scene.objects, reading.objects)
     rows = []
     for obj, det in zip(scene.objects, found):
-        rows.append({
-            "truth": {"shape": obj.shape, "color": obj.color, "texture": obj.texture, "size_label": obj.size_label},
-            "found": None if det is None else {"shape": det.shape, "color": det.color, "texture": det.texture,
-                                               "size_label": det.size_label, "position_error": float(np.hypot(det.cx - obj.cx, det.cy - obj.cy))},
-        })
+        rows.append(
+            {
+                "truth": {"shape": obj.shape, "color": obj.color, "texture": obj.texture, "size_label": obj.size_label},
+                "found": None
+                if det is None
+                else {
+                    "shape": det.shape,
+                    "color": det.color,
+                    "texture": det.texture,
+                    "size_label": det.size_label,
+                    "position_error": float(np.hypot(det.cx - obj.cx, det.cy - obj.cy)),
+                },
+            }
+        )
     return {"background": (scene.background, reading.background), "objects": rows, "n_found": len(reading.objects)}
 
 
-__all__ = ["Detection", "Reading", "PromptSpec", "read_image", "parse_prompt", "score_prompt", "judge_rendered",
-           "fit_background", "match", "RELATIONS"]
+__all__ = [
+    "Detection",
+    "Reading",
+    "PromptSpec",
+    "read_image",
+    "parse_prompt",
+    "score_prompt",
+    "judge_rendered",
+    "fit_background",
+    "match",
+    "RELATIONS",
+]

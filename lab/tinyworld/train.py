@@ -52,19 +52,33 @@ from lab import hooks
 from lab.tokens import TOKENIZER_DIR
 
 from . import model as tw_model
-from .world import (BACKGROUNDS, COLORS, OPPOSITE_RELATION, RELATIONS, SHAPES, SIZES, TEXTURES, Scene, caption,
-                    SIZE_WORDS, mirror_scene, render, sample_scene)
+from .world import (
+    BACKGROUNDS,
+    COLORS,
+    OPPOSITE_RELATION,
+    RELATIONS,
+    SHAPES,
+    SIZE_WORDS,
+    SIZES,
+    TEXTURES,
+    Scene,
+    caption,
+    mirror_scene,
+    render,
+    sample_scene,
+)
 
 TRAIN_SEED_OFFSET = 0  # training scenes use seeds [0, n); evaluation splits use seeds >= 10_000_000
 
 
 # ----------------------------------------------------------------------------- checkpoints (safetensors only)
 
+
 def _save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
     """Optimizer state as safetensors + JSON, so resuming never unpickles anything."""
     tensors, meta = {}, {"param_groups": [], "scalars": {}}
     state = opt.state_dict()
-    for i, group in enumerate(state["param_groups"]):
+    for group in state["param_groups"]:
         meta["param_groups"].append({k: v for k, v in group.items() if k != "params"} | {"params": group["params"]})
     for pid, st in state["state"].items():
         for k, v in st.items():
@@ -119,7 +133,7 @@ def _pooled_masks(masks: np.ndarray, n_max: int = 3) -> np.ndarray:
     if len(masks):
         k = masks.shape[-1] // MASK_SIZE
         cover = masks.reshape(len(masks), MASK_SIZE, k, MASK_SIZE, k).mean(axis=(2, 4))
-        out[:len(masks)] = np.round(cover * 255)
+        out[: len(masks)] = np.round(cover * 255)
     return out
 
 
@@ -132,7 +146,9 @@ def _render_one(seed: int) -> tuple[np.ndarray, dict, np.ndarray]:
     return _render_scene(sample_scene(seed))
 
 
-def make_data(out: Path, n: int, workers: int = 2, mirror_pairs: bool = False) -> tuple[np.ndarray, list[Scene], np.ndarray]:
+def make_data(
+    out: Path, n: int, workers: int = 2, mirror_pairs: bool = False
+) -> tuple[np.ndarray, list[Scene], np.ndarray]:
     """`n` random scenes; with `mirror_pairs`, each two-object scene also gets its mirror twin (opposite relation).
 
     Returns the images (N, 64, 64, 3) uint8, the scenes, and each object's mask at the latent's
@@ -149,7 +165,9 @@ def make_data(out: Path, n: int, workers: int = 2, mirror_pairs: bool = False) -
         results = list(tqdm(pool.imap(_render_one, seeds, chunksize=256), total=n, desc="render TinyWorld"))
         if mirror_pairs:
             twins = [mirror_scene(Scene.from_dict(d)) for _, d, _ in results if d["relation"] is not None]
-            results += list(tqdm(pool.imap(_render_scene, twins, chunksize=256), total=len(twins), desc="render mirror twins"))
+            results += list(
+                tqdm(pool.imap(_render_scene, twins, chunksize=256), total=len(twins), desc="render mirror twins")
+            )
     images, masks = np.stack([r[0] for r in results]), np.stack([r[2] for r in results])
     np.save(images_path, images)
     np.save(masks_path, masks)
@@ -171,21 +189,40 @@ def _to_tensor(images: np.ndarray, device) -> torch.Tensor:
 # Why: trained jointly from scratch through the UNet's loss alone, the encoder's shape nouns grew *less*
 # distinct than at initialisation for thousands of steps (benchmarks/text_encoder_words.py).
 UNSAID = "unsaid"  # the caption does not say it: the image is free to choose
-RELATION_WORDS = {"left": "left of", "right": "right of", "above": "above", "over": "above",
-                  "below": "below", "under": "below", "beneath": "below"}
+RELATION_WORDS = {
+    "left": "left of",
+    "right": "right of",
+    "above": "above",
+    "over": "above",
+    "below": "below",
+    "under": "below",
+    "beneath": "below",
+}
 BACKGROUND_WORDS = {"plain": "plain", "white": "plain", "sky": "sky", "grass": "grass"}
-NOUN_HEADS = {"shape": SHAPES, "color": (*COLORS, UNSAID), "texture": (*TEXTURES, UNSAID),
-              "size": (*SIZES, UNSAID), "side": (*RELATIONS, UNSAID)}  # side: where it is, relative to the first object
-SCENE_HEADS = {"count": ("1", "2", "3"), "relation": (*RELATIONS, UNSAID), "background": (*BACKGROUNDS, UNSAID),
-               **{f"{head} {slot}": NOUN_HEADS[head] for slot in range(3) for head in ("shape", "color", "texture", "size")}}
+NOUN_HEADS = {
+    "shape": SHAPES,
+    "color": (*COLORS, UNSAID),
+    "texture": (*TEXTURES, UNSAID),
+    "size": (*SIZES, UNSAID),
+    "side": (*RELATIONS, UNSAID),
+}  # side: where it is, relative to the first object
+SCENE_HEADS = {
+    "count": ("1", "2", "3"),
+    "relation": (*RELATIONS, UNSAID),
+    "background": (*BACKGROUNDS, UNSAID),
+    **{f"{head} {slot}": NOUN_HEADS[head] for slot in range(3) for head in ("shape", "color", "texture", "size")},
+}
 IGNORE = -100  # F.cross_entropy's ignore_index: a target no token can know
 
 
 def attribute_tokens(tokenizer) -> dict[int, tuple[str, str]]:
     """{token id: (attribute, value)} for every word captions use for a colour, texture, size, relation or background."""
-    words = {**{c: ("color", c) for c in COLORS}, **{t: ("texture", t) for t in TEXTURES},
-             **{w: ("size", label) for label, ws in SIZE_WORDS.items() for w in ws},
-             **{w: ("relation", r) for w, r in RELATION_WORDS.items()}}
+    words = {
+        **{c: ("color", c) for c in COLORS},
+        **{t: ("texture", t) for t in TEXTURES},
+        **{w: ("size", label) for label, ws in SIZE_WORDS.items() for w in ws},
+        **{w: ("relation", r) for w, r in RELATION_WORDS.items()},
+    }
     table = {}
     for word, meaning in words.items():
         ids = tokenizer(word, add_special_tokens=False).input_ids
@@ -196,8 +233,9 @@ def attribute_tokens(tokenizer) -> dict[int, tuple[str, str]]:
     return table
 
 
-def caption_targets(ids: list[int], scene: Scene, shape_ids: dict[int, str], words: dict[int, tuple[str, str]],
-                    eos_id: int) -> tuple[list[tuple[int, dict]], int, dict] | None:
+def caption_targets(
+    ids: list[int], scene: Scene, shape_ids: dict[int, str], words: dict[int, tuple[str, str]], eos_id: int
+) -> tuple[list[tuple[int, dict]], int, dict] | None:
     """What a tokenized caption says about its scene, as class indices of NOUN_HEADS and SCENE_HEADS.
 
     Returns ([(noun position, noun targets)], position of the end-of-text token, scene targets); the scene
@@ -208,10 +246,12 @@ def caption_targets(ids: list[int], scene: Scene, shape_ids: dict[int, str], wor
     if not nouns:
         return None
     eos = ids.index(eos_id)
-    spans = [ids[start + 1:end] for start, end in zip([0, *nouns], [*nouns, eos])]  # words before each noun; the tail
+    spans = [ids[start + 1 : end] for start, end in zip([0, *nouns], [*nouns, eos])]  # words before each noun; the tail
     said = [{words[t][0]: words[t][1] for t in span if t in words} for span in spans]
     relation = said[1].get("relation", UNSAID) if len(nouns) == 2 else UNSAID  # said between the two nouns
-    tail = said[-1]  # after the last noun comes only the background ("on a plain background": "plain" reads as a texture)
+    tail = said[
+        -1
+    ]  # after the last noun comes only the background ("on a plain background": "plain" reads as a texture)
     background = tail.get("background") or ("plain" if tail.get("texture") == "plain" else UNSAID)
 
     def index(head: str, value: str, heads=NOUN_HEADS) -> int:
@@ -221,15 +261,26 @@ def caption_targets(ids: list[int], scene: Scene, shape_ids: dict[int, str], wor
     for i, (position, obj) in enumerate(zip(nouns, scene.objects)):
         phrase = said[i]
         side = IGNORE if i == 0 else index("side", OPPOSITE_RELATION[relation] if relation != UNSAID else UNSAID)
-        noun_targets.append((position, {
-            "shape": index("shape", obj.shape), "color": index("color", phrase.get("color", UNSAID)),
-            "texture": index("texture", phrase.get("texture", UNSAID)), "size": index("size", phrase.get("size", UNSAID)),
-            "side": side}))
-    scene_targets = {"count": len(nouns) - 1, "relation": index("relation", relation, SCENE_HEADS),
-                     "background": index("background", background, SCENE_HEADS)}
+        noun_targets.append(
+            (
+                position,
+                {
+                    "shape": index("shape", obj.shape),
+                    "color": index("color", phrase.get("color", UNSAID)),
+                    "texture": index("texture", phrase.get("texture", UNSAID)),
+                    "size": index("size", phrase.get("size", UNSAID)),
+                    "side": side,
+                },
+            )
+        )
+    scene_targets = {
+        "count": len(nouns) - 1,
+        "relation": index("relation", relation, SCENE_HEADS),
+        "background": index("background", background, SCENE_HEADS),
+    }
     for slot in range(3):
         for head in ("shape", "color", "texture", "size"):
-            scene_targets[f"{head} {slot}"] = (noun_targets[slot][1][head] if slot < len(nouns) else IGNORE)
+            scene_targets[f"{head} {slot}"] = noun_targets[slot][1][head] if slot < len(nouns) else IGNORE
     return noun_targets, eos, scene_targets
 
 
@@ -239,7 +290,9 @@ class CaptionReader(torch.nn.Module):
     def __init__(self, width: int):
         super().__init__()
         self.noun = torch.nn.ModuleDict({h: torch.nn.Linear(width, len(c)) for h, c in NOUN_HEADS.items()})
-        self.scene = torch.nn.ModuleDict({h.replace(" ", "_"): torch.nn.Linear(width, len(c)) for h, c in SCENE_HEADS.items()})
+        self.scene = torch.nn.ModuleDict(
+            {h.replace(" ", "_"): torch.nn.Linear(width, len(c)) for h, c in SCENE_HEADS.items()}
+        )
 
     def loss(self, hidden: torch.Tensor, targets: list) -> tuple[torch.Tensor, float]:
         """Mean cross-entropy over heads, and the fraction of knowable targets read right.
@@ -257,8 +310,9 @@ class CaptionReader(torch.nn.Module):
         scene_targets = per_caption[:, None, :].expand(-1, hidden.shape[1], -1)[after_eos]
         losses, right, known = [], 0, 0
         for heads, names, (r, p), values in (
-                (self.noun, NOUN_HEADS, torch.tensor(noun_at).T, noun_targets),
-                (self.scene, SCENE_HEADS, (scene_rows, scene_positions), scene_targets)):
+            (self.noun, NOUN_HEADS, torch.tensor(noun_at).T, noun_targets),
+            (self.scene, SCENE_HEADS, (scene_rows, scene_positions), scene_targets),
+        ):
             h = hidden[r.to(hidden.device), p.to(hidden.device)]
             for k, name in enumerate(names):
                 target = values[:, k].to(hidden.device)
@@ -270,8 +324,9 @@ class CaptionReader(torch.nn.Module):
         return torch.stack(losses).mean(), right / max(known, 1)
 
 
-def pretrain_text_encoder(out: Path, scenes: list[Scene], steps: int, batch: int, lr: float, seed: int,
-                          device) -> tuple[Path, dict]:
+def pretrain_text_encoder(
+    out: Path, scenes: list[Scene], steps: int, batch: int, lr: float, seed: int, device
+) -> tuple[Path, dict]:
     """Train a fresh CLIP text model to read the scene back from captions; returns its weights' path
     and {"steps", "accuracy"} (the read-out accuracy over the last 50 batches)."""
     final, history_path = out / "text_encoder_pretrained.safetensors", out / "text_encoder_losses.json"
@@ -296,10 +351,17 @@ def pretrain_text_encoder(out: Path, scenes: list[Scene], steps: int, batch: int
     for step in bar:
         rng = np.random.default_rng([seed, 4, step])
         idx = rng.choice(len(scenes), batch, replace=False)
-        ids = tokenizer([caption(scenes[i], rng) for i in idx], padding="max_length", max_length=77,
-                        truncation=True, return_tensors="pt").input_ids
-        targets = [caption_targets(ids[row].tolist(), scenes[i], shape_ids, words, tokenizer.eos_token_id)
-                   for row, i in enumerate(idx)]
+        ids = tokenizer(
+            [caption(scenes[i], rng) for i in idx],
+            padding="max_length",
+            max_length=77,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        targets = [
+            caption_targets(ids[row].tolist(), scenes[i], shape_ids, words, tokenizer.eos_token_id)
+            for row, i in enumerate(idx)
+        ]
         for g in opt.param_groups:
             g["lr"] = learning_rate(lr, step, steps, warmup=50)
         loss, accuracy = reader.loss(text_encoder(ids.to(device))[0], targets)
@@ -318,6 +380,7 @@ def pretrain_text_encoder(out: Path, scenes: list[Scene], steps: int, batch: int
 
 
 # ----------------------------------------------------------------------------- stage 3: VAE
+
 
 def _image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
@@ -343,8 +406,17 @@ def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, weights: torch.Ten
     return ((error * weights).mean() + 0.5 * (edges.mean() + edges_x.mean())) / weights.mean()
 
 
-def train_vae(out: Path, images: np.ndarray, steps: int, batch: int, lr: float, seed: int, device,
-              masks: np.ndarray | None = None, object_weight: float = 0.0) -> torch.nn.Module:
+def train_vae(
+    out: Path,
+    images: np.ndarray,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    device,
+    masks: np.ndarray | None = None,
+    object_weight: float = 0.0,
+) -> torch.nn.Module:
     vae = tw_model.make_vae().to(device)
     final = out / "vae_final.safetensors"
     if final.exists():
@@ -384,6 +456,7 @@ def train_vae(out: Path, images: np.ndarray, steps: int, batch: int, lr: float, 
 
 # ----------------------------------------------------------------------------- stage 4: latents
 
+
 @torch.no_grad()
 def encode_latents(out: Path, vae, images: np.ndarray, device, batch: int = 256) -> tuple[torch.Tensor, float]:
     path = out / "latents.safetensors"
@@ -404,8 +477,20 @@ def encode_latents(out: Path, vae, images: np.ndarray, device, batch: int = 256)
 
 # ----------------------------------------------------------------------------- stage 4b: decoder fine-tuning
 
-def finetune_decoder(out: Path, vae, images: np.ndarray, latents: torch.Tensor, steps: int, batch: int, lr: float,
-                     seed: int, device, masks: np.ndarray | None = None, object_weight: float = 0.0) -> torch.nn.Module:
+
+def finetune_decoder(
+    out: Path,
+    vae,
+    images: np.ndarray,
+    latents: torch.Tensor,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    device,
+    masks: np.ndarray | None = None,
+    object_weight: float = 0.0,
+) -> torch.nn.Module:
     """Sharpen the decoder on the frozen encoder's latents (as SD's ft-MSE VAE did): the latent space,
     and so the UNet trained on it, is unchanged. An L1 loss on image gradients keeps edges and stripes crisp,
     and weighting object pixels (`object_weight`) keeps the dots."""
@@ -440,7 +525,10 @@ def finetune_decoder(out: Path, vae, images: np.ndarray, latents: torch.Tensor, 
         if (step + 1) % 200 == 0 and step + 1 < steps:
             _save_ckpt(out, "decoder", step + 1, modules, opt, losses)
     save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, str(final))
-    save_file({k: v.contiguous() for k, v in vae.post_quant_conv.state_dict().items()}, str(out / "post_quant_conv_final.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in vae.post_quant_conv.state_dict().items()},
+        str(out / "post_quant_conv_final.safetensors"),
+    )
     (out / "decoder_losses.json").write_text(json.dumps(losses))
     return vae
 
@@ -457,6 +545,7 @@ def load_trained_vae(out: Path) -> torch.nn.Module:
 
 # ----------------------------------------------------------------------------- stage 5: UNet
 
+
 class EMA:
     def __init__(self, module: torch.nn.Module, decay: float):
         self.decay = decay
@@ -472,8 +561,9 @@ class EMA:
                 self.shadow[k].copy_(v)
 
 
-def loss_weight(snr: torch.Tensor, min_snr_gamma: float = 5.0, layout_weight: float = 0.0,
-                prediction_type: str = "epsilon") -> torch.Tensor:
+def loss_weight(
+    snr: torch.Tensor, min_snr_gamma: float = 5.0, layout_weight: float = 0.0, prediction_type: str = "epsilon"
+) -> torch.Tensor:
     """Per-sample weight of the prediction MSE (epsilon or v).
 
     In clean-latent terms the epsilon MSE weighs errors by SNR and the v MSE by SNR + 1. Min-SNR-gamma
@@ -528,8 +618,9 @@ def object_nouns(ids: list[int], scene: Scene, shape_ids: dict[int, str]) -> lis
     return positions
 
 
-def grounding_loss(probs: dict[str, torch.Tensor], rows: torch.Tensor, tokens: torch.Tensor,
-                   objects: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+def grounding_loss(
+    probs: dict[str, torch.Tensor], rows: torch.Tensor, tokens: torch.Tensor, objects: torch.Tensor, masks: torch.Tensor
+) -> torch.Tensor:
     """TokenCompose's token loss (Wang et al., CVPR 2024): an object noun's cross-attention map,
     normalised over the image, should fall inside that object's mask.
 
@@ -547,8 +638,9 @@ def grounding_loss(probs: dict[str, torch.Tensor], rows: torch.Tensor, tokens: t
     return torch.stack(losses).mean()
 
 
-def denoising_loss(pred: torch.Tensor, target: torch.Tensor, timestep_weight: torch.Tensor,
-                   cell_weights: torch.Tensor | None = None) -> torch.Tensor:
+def denoising_loss(
+    pred: torch.Tensor, target: torch.Tensor, timestep_weight: torch.Tensor, cell_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """The prediction MSE, weighted per sample by `timestep_weight` (loss_weight) and, with `cell_weights`
     (B, 1, h, w), per latent cell: a weighted mean over each sample's cells, so the weights move the loss
     toward the objects without changing its scale. Objects are a few percent of each latent; unweighted,
@@ -561,8 +653,9 @@ def denoising_loss(pred: torch.Tensor, target: torch.Tensor, timestep_weight: to
     return (timestep_weight * per_sample).mean()
 
 
-def learning_rate(peak: float, step: int, steps: int, spent_s: float = 0.0, budget_s: float | None = None,
-                  warmup: int = 200) -> float:
+def learning_rate(
+    peak: float, step: int, steps: int, spent_s: float = 0.0, budget_s: float | None = None, warmup: int = 200
+) -> float:
     """Linear warm-up, then a cosine to zero at whichever ends first: `steps`, or `budget_s` seconds."""
     progress = step / steps
     if budget_s:
@@ -570,11 +663,27 @@ def learning_rate(peak: float, step: int, steps: int, spent_s: float = 0.0, budg
     return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Scene], steps: int, batch: int,
-               lr: float, seed: int, device, cfg_dropout: float = 0.1, min_snr_gamma: float = 5.0,
-               layout_weight: float = 0.0, scheduler=None, max_minutes: float | None = None,
-               reinit_words: tuple[str, ...] = (), masks: np.ndarray | None = None, grounding_weight: float = 0.0,
-               frozen_text_encoder: Path | None = None, object_weight: float = 0.0):
+def train_unet(
+    out: Path,
+    latents: torch.Tensor,
+    scaling: float,
+    scenes: list[Scene],
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    device,
+    cfg_dropout: float = 0.1,
+    min_snr_gamma: float = 5.0,
+    layout_weight: float = 0.0,
+    scheduler=None,
+    max_minutes: float | None = None,
+    reinit_words: tuple[str, ...] = (),
+    masks: np.ndarray | None = None,
+    grounding_weight: float = 0.0,
+    frozen_text_encoder: Path | None = None,
+    object_weight: float = 0.0,
+):
     """With `frozen_text_encoder` (pretrain_text_encoder's weights) the UNet trains on that text encoder,
     frozen, as SD's UNet trains on a frozen CLIP; without, both train jointly from the start.
     `object_weight` weighs the denoising error on latent cells covered by objects 1 + object_weight
@@ -615,8 +724,12 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
     unet.train()
     text_encoder.train(train_text)
     shape_ids = shape_token_ids(tokenizer)
-    bar = tqdm(range(start, steps), initial=start, total=steps,
-               desc="train UNet + text encoder" if train_text else "train UNet (text encoder frozen)")
+    bar = tqdm(
+        range(start, steps),
+        initial=start,
+        total=steps,
+        desc="train UNet + text encoder" if train_text else "train UNet (text encoder frozen)",
+    )
     # The time budget counts across resumes; the learning rate's cosine ends at whichever comes first,
     # the planned steps or the budget, so a run cut by time still finishes annealed.
     budget_s = 60 * max_minutes if max_minutes else None
@@ -628,8 +741,9 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
     with tracing as trace:
         attention = None
         if grounding_weight:
-            attention = trace.capture(list(GROUNDING_SITES), "probs", reduce=hooks.Mean(over=("steps", "heads")),
-                                      device=None, detach=False)
+            attention = trace.capture(
+                list(GROUNDING_SITES), "probs", reduce=hooks.Mean(over=("steps", "heads")), device=None, detach=False
+            )
         for step in bar:
             spent = spent_before + time.time() - started
             if budget_s and spent > budget_s:  # out of time: finish with the EMA weights reached so far
@@ -654,8 +768,11 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
             cells = object_weights(masks[idx], device, object_weight, scale_factor=1) if object_weight else None
             loss = denoising_loss(pred, target, weight, cells)
             if attention is not None:
-                nouns = [(row, token, obj) for row, i in enumerate(idx)
-                         for obj, token in enumerate(object_nouns(ids[row].tolist(), scenes[i], shape_ids) or [])]
+                nouns = [
+                    (row, token, obj)
+                    for row, i in enumerate(idx)
+                    for obj, token in enumerate(object_nouns(ids[row].tolist(), scenes[i], shape_ids) or [])
+                ]
                 if nouns:
                     rows, tokens, objects = (torch.tensor(c, device=device) for c in zip(*nouns))
                     object_masks = torch.from_numpy(masks[idx]).to(device).float() / 255
@@ -671,8 +788,10 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
             if train_text:
                 ema_t.update(text_encoder, step)
             losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}",
-                            **({"grounding": f"{np.mean(grounding_losses[-100:]):.3f}"} if grounding_losses else {}))
+            bar.set_postfix(
+                loss=f"{np.mean(losses[-100:]):.4f}",
+                **({"grounding": f"{np.mean(grounding_losses[-100:]):.3f}"} if grounding_losses else {}),
+            )
             if (step + 1) % 250 == 0 and step + 1 < steps:
                 _save_ckpt(out, "unet", step + 1, modules, opt, losses)
                 save_file(ema_u.shadow, str(out / "unet_ckpt" / "unet_ema.safetensors"))
@@ -682,11 +801,19 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
     final.mkdir(parents=True, exist_ok=True)
     save_file(ema_u.shadow, str(final / "unet_ema.safetensors"))
     save_file(ema_t.shadow, str(final / "text_encoder_ema.safetensors"))
-    (final / "state.json").write_text(json.dumps({"step": len(losses), "planned_steps": steps, "losses": losses,
-                                                  "unet_seconds": spent_before + time.time() - started,
-                                                  "grounding_weight": grounding_weight,
-                                                  "object_weight": object_weight,
-                                                  "grounding_losses": grounding_losses}))
+    (final / "state.json").write_text(
+        json.dumps(
+            {
+                "step": len(losses),
+                "planned_steps": steps,
+                "losses": losses,
+                "unet_seconds": spent_before + time.time() - started,
+                "grounding_weight": grounding_weight,
+                "object_weight": object_weight,
+                "grounding_losses": grounding_losses,
+            }
+        )
+    )
     unet.load_state_dict(ema_u.shadow)
     text_encoder.load_state_dict(ema_t.shadow)
     return unet, text_encoder
@@ -694,14 +821,20 @@ def train_unet(out: Path, latents: torch.Tensor, scaling: float, scenes: list[Sc
 
 # ----------------------------------------------------------------------------- stage 6: export
 
+
 def assemble_pipeline(vae, unet, text_encoder, scaling: float, scheduler=None):
     """The trained parts as a StableDiffusionPipeline on the CPU, in eval mode."""
     from diffusers import StableDiffusionPipeline
 
     vae.register_to_config(scaling_factor=scaling)
     return StableDiffusionPipeline(
-        vae=vae.cpu().eval(), text_encoder=text_encoder.cpu().eval(), tokenizer=tw_model.make_tokenizer(),
-        unet=unet.cpu().eval(), scheduler=scheduler or tw_model.make_scheduler(), safety_checker=None, feature_extractor=None,
+        vae=vae.cpu().eval(),
+        text_encoder=text_encoder.cpu().eval(),
+        tokenizer=tw_model.make_tokenizer(),
+        unet=unet.cpu().eval(),
+        scheduler=scheduler or tw_model.make_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
 
@@ -727,13 +860,19 @@ def plot_losses(out: Path, path: Path) -> None:
 
     panels = []  # (title, values); a run continued with --init-from trains no VAE and reads no captions first
     if (out / "text_encoder_losses.json").exists():
-        panels.append(("text encoder pre-training (cross-entropy)",
-                       json.loads((out / "text_encoder_losses.json").read_text())["losses"]))
+        panels.append(
+            (
+                "text encoder pre-training (cross-entropy)",
+                json.loads((out / "text_encoder_losses.json").read_text())["losses"],
+            )
+        )
     if (out / "vae_losses.json").exists():
         panels.append(("VAE reconstruction (L1+MSE)", json.loads((out / "vae_losses.json").read_text())))
     if (out / "unet_final" / "state.json").exists():
         state = json.loads((out / "unet_final" / "state.json").read_text())
-        title = "UNet loss (Min-SNR-5" + (f" + {state['grounding_weight']:g} x grounding)" if state.get("grounding_losses") else ")")
+        title = "UNet loss (Min-SNR-5" + (
+            f" + {state['grounding_weight']:g} x grounding)" if state.get("grounding_losses") else ")"
+        )
         panels.append((title, state["losses"]))
         if state.get("grounding_losses"):
             panels.append(("grounding loss (1 - attention in mask)^2", state["grounding_losses"]))
@@ -768,55 +907,115 @@ def init_from_pipeline(out: Path, folder: Path) -> None:
     save_file(tensors(vae.decoder), str(out / "decoder_final.safetensors"))
     save_file(tensors(vae.post_quant_conv), str(out / "post_quant_conv_final.safetensors"))
     (out / "scaling_factor.json").write_text(json.dumps(vae.config.scaling_factor))
-    save_file(tensors(UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet")), str(out / "unet_init.safetensors"))
-    save_file(tensors(CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder")),
-              str(out / "text_encoder_init.safetensors"))
+    save_file(
+        tensors(UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet")), str(out / "unet_init.safetensors")
+    )
+    save_file(
+        tensors(CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder")),
+        str(out / "text_encoder_init.safetensors"),
+    )
 
 
 def argument_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sdlab tinyworld train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="sdlab tinyworld train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", type=Path, default=Path("runs/tinyworld"), help="working folder (checkpoints, cache)")
     p.add_argument("--export", type=Path, default=None, help="pipeline folder to write (default: OUT/pipeline)")
     p.add_argument("--n-images", type=int, default=60_000)
-    p.add_argument("--mirror-pairs", action=argparse.BooleanOptionalAction, default=True,
-                   help="add each two-object scene's mirror twin with the opposite relation (teaches left/right, above/below)")
-    p.add_argument("--reinit-words", default="",
-                   help="with --init-from: comma-separated words whose input embeddings start afresh (e.g. left,right,above,below)")
+    p.add_argument(
+        "--mirror-pairs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add each two-object scene's mirror twin with the opposite relation (teaches left/right, above/below)",
+    )
+    p.add_argument(
+        "--reinit-words",
+        default="",
+        help="with --init-from: comma-separated words whose input embeddings start afresh (e.g. left,right,above,below)",
+    )
     p.add_argument("--vae-steps", type=int, default=1400)
     p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--vae-object-weight", type=float, default=4.0,
-                   help="extra reconstruction weight on object pixels (0: every pixel alike, plain L1 + MSE)")
-    p.add_argument("--decoder-object-weight", type=float, default=20.0,
-                   help="the same for the decoder fine-tuning, where it keeps dots sharp (0: every pixel alike)")
-    p.add_argument("--decoder-steps", type=int, default=3000,
-                   help="decoder fine-tuning on frozen latents (1500 kept 62 %% of small dots readable, 3000 95 %%)")
-    p.add_argument("--text-steps", type=int, default=800,
-                   help="pre-train the text encoder to read each caption's scene, then train the UNet on it frozen "
-                        "(0: train both jointly from scratch; skipped with --init-from)")
+    p.add_argument(
+        "--vae-object-weight",
+        type=float,
+        default=4.0,
+        help="extra reconstruction weight on object pixels (0: every pixel alike, plain L1 + MSE)",
+    )
+    p.add_argument(
+        "--decoder-object-weight",
+        type=float,
+        default=20.0,
+        help="the same for the decoder fine-tuning, where it keeps dots sharp (0: every pixel alike)",
+    )
+    p.add_argument(
+        "--decoder-steps",
+        type=int,
+        default=3000,
+        help="decoder fine-tuning on frozen latents (1500 kept 62 %% of small dots readable, 3000 95 %%)",
+    )
+    p.add_argument(
+        "--text-steps",
+        type=int,
+        default=800,
+        help="pre-train the text encoder to read each caption's scene, then train the UNet on it frozen "
+        "(0: train both jointly from scratch; skipped with --init-from)",
+    )
     p.add_argument("--text-batch", type=int, default=128)
-    p.add_argument("--decoder-only", action="store_true", help="stop after the decoder stage (the same command without it goes on from there)")
+    p.add_argument(
+        "--decoder-only",
+        action="store_true",
+        help="stop after the decoder stage (the same command without it goes on from there)",
+    )
     p.add_argument("--unet-steps", type=int, default=2800)
     p.add_argument("--unet-batch", type=int, default=64)
-    p.add_argument("--unet-minutes", type=float, default=None,
-                   help="stop the UNet stage after this long, counted across resumes; the learning rate's "
-                        "cosine ends there (or at --unet-steps, whichever comes first)")
+    p.add_argument(
+        "--unet-minutes",
+        type=float,
+        default=None,
+        help="stop the UNet stage after this long, counted across resumes; the learning rate's "
+        "cosine ends there (or at --unet-steps, whichever comes first)",
+    )
     p.add_argument("--lr", type=float, default=6e-4)
-    p.add_argument("--layout-weight", type=float, default=1.0,
-                   help="floor of the clean-latent loss weight at the noisiest steps (0: plain Min-SNR-5)")
-    p.add_argument("--grounding-weight", type=float, default=0.1,
-                   help="weight of TokenCompose's token loss, which pulls each object noun's cross-attention "
-                        "into the object's true mask (0: off)")
-    p.add_argument("--unet-object-weight", type=float, default=2.0,
-                   help="extra denoising-loss weight on latent cells the objects cover (0: every cell alike)")
+    p.add_argument(
+        "--layout-weight",
+        type=float,
+        default=1.0,
+        help="floor of the clean-latent loss weight at the noisiest steps (0: plain Min-SNR-5)",
+    )
+    p.add_argument(
+        "--grounding-weight",
+        type=float,
+        default=0.1,
+        help="weight of TokenCompose's token loss, which pulls each object noun's cross-attention "
+        "into the object's true mask (0: off)",
+    )
+    p.add_argument(
+        "--unet-object-weight",
+        type=float,
+        default=2.0,
+        help="extra denoising-loss weight on latent cells the objects cover (0: every cell alike)",
+    )
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="v_prediction")
-    p.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction, default=None,
-                   help="rescale the schedule so its last step is pure noise (default with v-prediction; "
-                        "epsilon prediction cannot use it)")
-    p.add_argument("--init-from", type=Path, default=None,
-                   help="continue training an exported pipeline (e.g. lab/models/tinyworld-sd) in a new --out folder")
-    p.add_argument("--eval-seeds", type=int, default=1,
-                   help="judge the exported model on the held-out prompts with this many seeds (0: skip)")
+    p.add_argument(
+        "--zero-terminal-snr",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rescale the schedule so its last step is pure noise (default with v-prediction; "
+        "epsilon prediction cannot use it)",
+    )
+    p.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="continue training an exported pipeline (e.g. lab/models/tinyworld-sd) in a new --out folder",
+    )
+    p.add_argument(
+        "--eval-seeds",
+        type=int,
+        default=1,
+        help="judge the exported model on the held-out prompts with this many seeds (0: skip)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
@@ -849,32 +1048,71 @@ def main(argv=None) -> None:
     timings["data_s"] = time.time() - t0
     text_encoder_path, text_reading = None, None
     if args.text_steps > 0 and not args.init_from:
-        text_encoder_path, text_reading = pretrain_text_encoder(args.out, scenes, args.text_steps, args.text_batch,
-                                                                2e-3, args.seed, args.device)
+        text_encoder_path, text_reading = pretrain_text_encoder(
+            args.out, scenes, args.text_steps, args.text_batch, 2e-3, args.seed, args.device
+        )
     timings["text_encoder_s"] = time.time() - t0 - sum(timings.values())
-    vae = train_vae(args.out, images, args.vae_steps, args.vae_batch, 1e-3, args.seed, args.device,
-                    masks=masks, object_weight=args.vae_object_weight)
+    vae = train_vae(
+        args.out,
+        images,
+        args.vae_steps,
+        args.vae_batch,
+        1e-3,
+        args.seed,
+        args.device,
+        masks=masks,
+        object_weight=args.vae_object_weight,
+    )
     timings["vae_s"] = time.time() - t0 - sum(timings.values())
     latents, scaling = encode_latents(args.out, vae, images, args.device)
     timings["latents_s"] = time.time() - t0 - sum(timings.values())
-    vae = finetune_decoder(args.out, vae, images, latents, args.decoder_steps, args.vae_batch, 5e-4, args.seed, args.device,
-                           masks=masks, object_weight=args.decoder_object_weight)
+    vae = finetune_decoder(
+        args.out,
+        vae,
+        images,
+        latents,
+        args.decoder_steps,
+        args.vae_batch,
+        5e-4,
+        args.seed,
+        args.device,
+        masks=masks,
+        object_weight=args.decoder_object_weight,
+    )
     timings["decoder_s"] = time.time() - t0 - sum(timings.values())
     if args.decoder_only:
         return
-    unet, text_encoder = train_unet(args.out, latents, scaling, scenes, args.unet_steps, args.unet_batch, args.lr,
-                                    args.seed, args.device, layout_weight=args.layout_weight,
-                                    scheduler=scheduler, max_minutes=args.unet_minutes,
-                                    reinit_words=tuple(w for w in args.reinit_words.split(",") if w),
-                                    masks=masks, grounding_weight=args.grounding_weight,
-                                    frozen_text_encoder=text_encoder_path, object_weight=args.unet_object_weight)
+    unet, text_encoder = train_unet(
+        args.out,
+        latents,
+        scaling,
+        scenes,
+        args.unet_steps,
+        args.unet_batch,
+        args.lr,
+        args.seed,
+        args.device,
+        layout_weight=args.layout_weight,
+        scheduler=scheduler,
+        max_minutes=args.unet_minutes,
+        reinit_words=tuple(w for w in args.reinit_words.split(",") if w),
+        masks=masks,
+        grounding_weight=args.grounding_weight,
+        frozen_text_encoder=text_encoder_path,
+        object_weight=args.unet_object_weight,
+    )
     timings["unet_s"] = time.time() - t0 - sum(timings.values())
     folder = export_pipeline(vae, unet, text_encoder, scaling, args.export or args.out / "pipeline", scheduler)
     plot_losses(args.out, args.out / "training_losses.png")
-    report = {"args": {k: str(v) for k, v in vars(args).items()}, "timings_this_invocation_s": timings,
-              "latent_scaling_factor": scaling, "device": args.device, "torch": torch.__version__,
-              "text_encoder_pretraining": text_reading,
-              "unet_steps_done": len(json.loads((args.out / "unet_final" / "state.json").read_text())["losses"])}
+    report = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "timings_this_invocation_s": timings,
+        "latent_scaling_factor": scaling,
+        "device": args.device,
+        "torch": torch.__version__,
+        "text_encoder_pretraining": text_reading,
+        "unet_steps_done": len(json.loads((args.out / "unet_final" / "state.json").read_text())["losses"]),
+    }
     if args.eval_seeds > 0:  # the judge's scores of the exported model on the held-out prompts
         from diffusers import StableDiffusionPipeline
 
@@ -882,8 +1120,12 @@ def main(argv=None) -> None:
 
         pipe = StableDiffusionPipeline.from_pretrained(str(folder)).to(args.device)
         pipe.set_progress_bar_config(disable=True)
-        report["judge_on_held_out_prompts"] = {"seeds": args.eval_seeds, "steps": 20, "guidance": 5.0,
-                                               **evaluate_model(pipe, seeds=tuple(range(args.eval_seeds)))}
+        report["judge_on_held_out_prompts"] = {
+            "seeds": args.eval_seeds,
+            "steps": 20,
+            "guidance": 5.0,
+            **evaluate_model(pipe, seeds=tuple(range(args.eval_seeds))),
+        }
         print(json.dumps(report["judge_on_held_out_prompts"], indent=1))
     (args.out / "training_report.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {folder} ({sum(f.stat().st_size for f in folder.rglob('*') if f.is_file()) / 1e6:.1f} MB)")

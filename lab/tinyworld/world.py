@@ -77,8 +77,12 @@ class Scene:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Scene":
-        return cls(objects=[WorldObject(**o) for o in d["objects"]], background=d["background"],
-                   relation=d.get("relation"), seed=d.get("seed", 0))
+        return cls(
+            objects=[WorldObject(**o) for o in d["objects"]],
+            background=d["background"],
+            relation=d.get("relation"),
+            seed=d.get("seed", 0),
+        )
 
 
 @dataclass
@@ -89,6 +93,7 @@ class Rendered:
 
 
 # ----------------------------------------------------------------------------- shapes
+
 
 def unit_outline(shape: str) -> np.ndarray:
     """Polygon (N, 2) of the shape in its unit frame, extent [-1, 1] on both axes."""
@@ -112,8 +117,23 @@ def unit_outline(shape: str) -> np.ndarray:
         return pts
     if shape == "cross":
         a, w = 1.0, 0.34
-        return np.array([[-w, -a], [w, -a], [w, -w], [a, -w], [a, w], [w, w], [w, a], [-w, a], [-w, w],
-                         [-a, w], [-a, -w], [-w, -w]], float)
+        return np.array(
+            [
+                [-w, -a],
+                [w, -a],
+                [w, -w],
+                [a, -w],
+                [a, w],
+                [w, w],
+                [w, a],
+                [-w, a],
+                [-w, w],
+                [-a, w],
+                [-a, -w],
+                [-w, -w],
+            ],
+            float,
+        )
     raise ValueError(f"unknown shape {shape!r}; TinyWorld shapes are {SHAPES}")
 
 
@@ -125,8 +145,10 @@ def unit_keypoints(shape: str) -> dict[str, tuple[float, float]]:
     elif shape == "triangle":
         pts = [(0, 0.2), (0, -1), (1, 0.8), (-1, 0.8)]
     elif shape == "star":
-        tips = [(math.cos(-math.pi / 2 + k * 2 * math.pi / 5), math.sin(-math.pi / 2 + k * 2 * math.pi / 5) + 0.1)
-                for k in range(5)]
+        tips = [
+            (math.cos(-math.pi / 2 + k * 2 * math.pi / 5), math.sin(-math.pi / 2 + k * 2 * math.pi / 5) + 0.1)
+            for k in range(5)
+        ]
         pts = [(0, 0.1)] + tips
     elif shape == "heart":
         pts = [(0, 0.05), (-0.5, -0.55), (0, -0.35), (0.5, -0.55), (0, 1.0)]
@@ -142,6 +164,7 @@ def _to_pixels(obj: WorldObject, pts: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- rendering
+
 
 def background_image(name: str, size: int = IMAGE_SIZE) -> np.ndarray:
     """Float (H, W, 3) background in [0, 255]. Pale and unsaturated so objects stand out."""
@@ -189,7 +212,7 @@ def _texture_ink(obj: WorldObject, window: tuple[int, int, int, int]) -> np.ndar
     elif obj.texture == "dotted":  # square grid of round dots, period 5 px
         dx = (xx % 5.0) - 2.5
         dy = (yy % 5.0) - 2.5
-        ink = (dx * dx + dy * dy < 1.5 ** 2).astype(np.float32)
+        ink = (dx * dx + dy * dy < 1.5**2).astype(np.float32)
     else:
         raise ValueError(f"unknown texture {obj.texture!r}; TinyWorld textures are {TEXTURES}")
     return ink.reshape(y1 - y0, SUPERSAMPLE, x1 - x0, SUPERSAMPLE).mean(axis=(1, 3))
@@ -215,6 +238,7 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Rendered:
 
 # ----------------------------------------------------------------------------- sampling scenes
 
+
 def _sample_object(rng: np.random.Generator, shape=None, color=None, size_label=None, texture=None) -> WorldObject:
     size_label = size_label or SIZES[rng.integers(len(SIZES))]
     lo, hi = SIZE_RANGES[size_label]
@@ -223,7 +247,8 @@ def _sample_object(rng: np.random.Generator, shape=None, color=None, size_label=
         color=color or list(COLORS)[rng.integers(len(COLORS))],
         size=float(rng.uniform(lo, hi)),
         texture=texture or TEXTURES[rng.choice(len(TEXTURES), p=[0.5, 0.25, 0.25])],
-        cx=0.0, cy=0.0,
+        cx=0.0,
+        cy=0.0,
     )
 
 
@@ -296,12 +321,13 @@ def sample_scene(seed: int, n_objects: int | None = None, size: int = IMAGE_SIZE
     if n_objects != 2:
         relation = None
     first_attrs = {k: attributes.pop(k) for k in ("shape", "color", "size_label", "texture") if k in attributes}
-    second_attrs = {k[len("second_"):]: attributes.pop(k) for k in list(attributes) if k.startswith("second_")}
+    second_attrs = {k[len("second_") :]: attributes.pop(k) for k in list(attributes) if k.startswith("second_")}
     if attributes:
         raise TypeError(f"unknown scene attributes {sorted(attributes)}")
     for attempt in range(2000):
         objs = [_sample_object(rng, **first_attrs)] + [
-            _sample_object(rng, **(second_attrs if i == 1 else {})) for i in range(1, n_objects)]
+            _sample_object(rng, **(second_attrs if i == 1 else {})) for i in range(1, n_objects)
+        ]
         if attempt >= 100:  # crowded: shrink toward the bottom of each object's size range
             for o in objs:
                 o.size = SIZE_RANGES[o.size_label][0] + (o.size - SIZE_RANGES[o.size_label][0]) * 0.5
@@ -396,9 +422,11 @@ def _fix_articles(text: str) -> str:
 
 def fixed_caption(scene: Scene) -> str:
     """The full, canonical caption (every attribute named): used for evaluation prompts."""
+
     def np_(o: WorldObject) -> str:
         tex = "" if o.texture == "plain" else o.texture + " "
         return f"{o.size_label} {tex}{o.color} {o.shape}"
+
     objs = scene.objects
     if len(objs) == 1:
         text = f"a {np_(objs[0])}"
