@@ -13,14 +13,7 @@ from lab import diffusion
 
 torch.set_num_threads(1)
 
-SD_SCHEDULE = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-)
+SD_SCHEDULE = lab.testing._sd_scheduler_config("epsilon")  # SD 1.x's schedule, as the tiny configs use it
 
 
 def ddim(**config) -> DDIMScheduler:
