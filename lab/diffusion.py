@@ -12,7 +12,7 @@ Notation (variance preserving):  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,
     predictions   predicted_x0, predicted_epsilon, predicted_v      (epsilon / v_prediction / sample models)
     DDIM (eta 0)  ddim_step (t -> lower t), ddim_invert_step (lower t -> higher t)
     guidance      guided_prediction                                 (classifier-free, with Lin et al.'s rescale)
-    VAE           decode_latents, encode_image
+    VAE           decode_latents, encode_image, latent_distribution
     text          encode_prompt -> PromptEmbeddings, PromptEmbeddings.unet_inputs
     UNet          model_prediction                                  (scale_model_input, CFG rows, guidance)
 
@@ -43,6 +43,7 @@ __all__ = [
     "guided_prediction",
     "decode_latents",
     "encode_image",
+    "latent_distribution",
     "PromptEmbeddings",
     "encode_prompt",
     "model_prediction",
@@ -357,16 +358,29 @@ def encode_image(pipe, image, *, sample: bool = False, generator: torch.Generato
     z is the VAE posterior's mean, or a sample of it with sample=True (drawn with `generator`).
     Images: see _ACCEPTED_IMAGES; other sizes, modes or dtypes raise ValueError (nothing is resized or
     converted silently). Returns latents in the VAE's dtype, on its device."""
+    mean, std = latent_distribution(pipe, image)
+    if not sample:
+        return mean
+    noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else "cpu")
+    return (mean + std * noise.to(mean.device, torch.float32)).to(mean.dtype)
+
+
+def latent_distribution(pipe, image) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior of image(s) in scaled latent units: (mean, std), so that mean + std * eps is a
+    posterior sample scaled as encode_image's latents (the std is scaled, never shifted). mean has the
+    VAE's dtype; std is float32."""
     pixels, vae = _pixels(image, pipe.vae_scale_factor), pipe.vae
     dtype, config = vae.dtype, vae.config
     with torch.no_grad(), _float32_if_forced(vae):
         posterior = vae.encode(pixels.to(vae.device, vae.dtype), return_dict=False)[0]
-        z = posterior.sample(generator=generator) if sample else posterior.mean
+        z, std = posterior.mean, posterior.std.float()
     stats = _latent_stats(config, z)
     if stats is not None:
-        return ((z - stats[0]) * config.scaling_factor / stats[1]).to(dtype)
+        return ((z - stats[0]) * config.scaling_factor / stats[1]).to(dtype), std * config.scaling_factor / stats[
+            1
+        ].float()
     shift = getattr(config, "shift_factor", None) or 0.0
-    return ((z - shift) * config.scaling_factor).to(dtype)
+    return ((z - shift) * config.scaling_factor).to(dtype), std * config.scaling_factor
 
 
 # -- Text conditioning and the UNet call ------------------------------------------------------
