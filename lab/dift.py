@@ -94,7 +94,8 @@ def preset_for(pipe) -> str:
         return "tinyworld"
     if unet.config.get("addition_embed_type") == "text_time":
         return "sdxl"
-    return "sd2" if unet.config.cross_attention_dim == 1024 else "sd1"
+    # SD 2.x's transformers project with linear layers (and read 1024-wide OpenCLIP text); SD 1.x's use 1x1 convs.
+    return "sd2" if unet.config.get("use_linear_projection") else "sd1"
 
 
 def extract(
@@ -110,7 +111,8 @@ def extract(
     memory_limit: int | None = hooks.DEFAULT_MEMORY_LIMIT,
     progress: bool = True,
 ) -> DiftFeatures:
-    """DIFT features of `images` (PIL images or uint8 arrays of a size the VAE accepts).
+    """DIFT features of `images`: PIL images or uint8 arrays (RGB, sides a multiple of the VAE's factor), or
+    a lab result holding generated images (e.g. an AttributionRun).
 
     prompt      one text for all images or one per image (the paper: "a photo of a {class}", or "")
     timestep    the noise level t (an integer training timestep); blocks: a block name or a list (lab
@@ -126,13 +128,18 @@ def extract(
     ensemble = preset["ensemble"] if ensemble is None else ensemble
     all_sites = hooks.sites(pipe)
     block_sites = _check(pipe, all_sites, timestep, blocks, ensemble, batch_size)
-    arrays = as_uint8_images(images if isinstance(images, (list, tuple)) else [images])
-    if arrays is None or not len(arrays):
+    if isinstance(images, Result):  # the generated images of a lab run, e.g. an AttributionRun
+        if images.image_arrays is None:
+            raise ValueError(f"this {type(images).__name__} holds no images to take features of")
+        images = list(images.image_arrays)
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not images:
         raise ValueError("give at least one image (PIL images or uint8 arrays)")
-    prompts = [prompt] * len(arrays) if isinstance(prompt, str) else list(prompt)
-    if len(prompts) != len(arrays):
-        raise ValueError(f"{len(prompts)} prompts for {len(arrays)} images: give one prompt, or one per image")
-    posteriors = [diffusion.latent_distribution(pipe, array) for array in arrays]  # checks size and mode
+    prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts for {len(images)} images: give one prompt, or one per image")
+    posteriors = [diffusion.latent_distribution(pipe, image) for image in images]  # refuses bad sizes and modes
+    arrays = as_uint8_images(images)
     means = torch.cat([mean for mean, _ in posteriors])
     stds = torch.cat([std for _, std in posteriors])
     latents = means
