@@ -15,7 +15,7 @@ edits), lab.diffusion (schedules, DDIM steps, guidance, VAE and prompt encoding)
 
 __version__ = "0.1.0"
 
-from lab import daam, diffusion, heatmap, hooks, ovam, results, tokens, weights
+from lab import daam, diffusion, dift, heatmap, hooks, ovam, results, tokens, weights
 
 # The types imported below outside __all__ (Capture, Site, AttributionRun, ...) have been reachable as
 # lab.<Name> since before __all__ existed; their home is the module they come from.
@@ -63,6 +63,7 @@ __all__ = [
     "hooks",
     "tokens",
     "daam",
+    "dift",
     "ovam",
     "heatmap",
     "results",
