@@ -4,8 +4,10 @@ JupyterLab runs headless on 127.0.0.1 with a token, on a free port, in a tempora
 notebooks exactly as `sdlab lab` copies them (fast profile: few denoising steps). Chromium (Debian's
 /usr/bin/chromium, or $SDLAB_CHROMIUM) is driven through Playwright's Python API: run all cells, then click
 a word, move the step slider, move the threshold, scrub the trajectory and generate, checking each time
-that the picture on screen changed. Screenshots, the server log and the measured redraw times go to
-artifacts/browser/ (gitignored); benchmarks/results/widget_redraw.md reports the numbers.
+that the picture on screen changed. Then the correspondence notebook (05): run all cells, click points on
+the source image (the matched points on the targets must move, the heat maps redraw) and recompute the
+features at another timestep. Screenshots, the server log and the measured redraw times go to
+artifacts/browser/ (gitignored); benchmarks/results/widget_redraw.md reports the explorer's numbers.
 
     pytest -m browser tests/test_browser.py -s
 """
@@ -409,3 +411,163 @@ def test_tour_runs_and_the_explorer_redraws(jupyterlab):
     )
     assert requests_out == [], f"the page fetched from outside the local server: {requests_out[:5]}"
     assert summary["kernel_redraw_ms"]["median"] < REDRAW_SANITY_BOUND_MS
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The correspondence notebook: run it, click points on the source, recompute the features
+# ---------------------------------------------------------------------------------------------------------
+
+MARKERS = """element => [...element.querySelectorAll(".sx-cx-figure")].slice(1).map((figure) => {
+    const match = figure.querySelector(".sx-match");
+    return [Number(match.dataset.x), Number(match.dataset.y)];
+})"""
+
+TARGET_PIXELS = (
+    """element => [...element.querySelectorAll("canvas.sx-cx-target")].map((c) => c.toDataURL("image/png"))"""
+)
+
+
+def _heat_version(widget) -> int:
+    return int(widget.get_attribute("data-heat-version") or 0)
+
+
+def test_correspondence_notebook_runs_and_a_click_moves_the_matches(jupyterlab):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    kernel_ms, round_trip_ms = [], []
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(jupyterlab.folder.parent / "chromium-profile-correspondence"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1400, "height": 1100},
+        )
+        page = context.new_page()
+        console = []
+        page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
+        requests_out = []
+        page.on(
+            "request",
+            lambda request: (
+                requests_out.append(request.url)
+                if not request.url.startswith((jupyterlab.url, "data:", "blob:"))
+                else None
+            ),
+        )
+        try:
+            page.set_default_timeout(STEP_ACTION_MS)
+            page.goto(f"{jupyterlab.url}/lab/tree/05_correspondence.ipynb?token={jupyterlab.token}")
+            page.wait_for_function(KERNEL_IDLE, timeout=KERNEL_READY_MS)
+            started = time.perf_counter()
+            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            page.wait_for_function(f"() => ({ALL_CELLS_RUN})() && ({KERNEL_IDLE})()", timeout=RUN_ALL_MS, polling=500)
+            run_all_seconds = time.perf_counter() - started
+            assert page.evaluate(NOTEBOOK_ERRORS) == []
+
+            widget = page.locator(".sdlab-correspondence").first
+            widget.scroll_into_view_if_needed()
+            page.wait_for_function(
+                "element => element.querySelectorAll('.sx-cx-figure').length === 4 && "
+                "Number(element.dataset.heatVersion || 0) > 0",
+                arg=widget.element_handle(),
+            )
+            source = widget.locator(".sx-cx-source-figure .sx-cx-stage")
+            box = source.bounding_box()
+            widget.screenshot(path=str(ARTIFACTS / "correspondence_initial.png"))
+            assert "PCK@0.1" in widget.locator(".sx-cx-summary").inner_text()
+
+            def click(x: float, y: float) -> dict:
+                """Click the source at (x, y) image pixels; wait for the new maps. The markers and pixels before."""
+                before = {"count": _redraw_count(widget), "heat": _heat_version(widget)}
+                before["markers"], before["pixels"] = widget.evaluate(MARKERS), widget.evaluate(TARGET_PIXELS)
+                pressed = time.perf_counter()
+                source.click(position={"x": x / 64 * box["width"], "y": y / 64 * box["height"]})
+                redraw = _wait_for_redraw(page, widget, before["count"])
+                round_trip_ms.append((time.perf_counter() - pressed) * 1000)
+                assert redraw["kind"] == "kernel" and _heat_version(widget) > before["heat"]
+                kernel_ms.append(redraw["ms"])
+                assert widget.evaluate(TARGET_PIXELS) != before["pixels"], "a click did not redraw the heat maps"
+                return before
+
+            # A click next to a keypoint of the source snaps onto it: the targets show its true position too.
+            keypoint = widget.locator(".sx-cx-source-figure .sx-kp[data-name='tip_lower_left']")
+            kx, ky = float(keypoint.get_attribute("data-x")), float(keypoint.get_attribute("data-y"))
+            click(kx + 0.5, ky - 0.5)
+            query = widget.locator(".sx-cx-source-figure .sx-query")
+            assert (float(query.get_attribute("data-x")), float(query.get_attribute("data-y"))) == pytest.approx(
+                (kx, ky), abs=0.01
+            )
+            assert "keypoint tip_lower_left" in widget.locator(".sx-cx-source-figure .sx-cx-note").inner_text()
+            assert widget.locator(".sx-truth:visible").count() == 3
+            on_the_star = widget.evaluate(MARKERS)
+            widget.screenshot(path=str(ARTIFACTS / "correspondence_keypoint.png"))
+
+            # The background's far corner: the matches leave the stars.
+            before = click(3, 60)
+            assert before["markers"] == on_the_star
+            moved = [old != new for old, new in zip(on_the_star, widget.evaluate(MARKERS))]
+            assert sum(moved) >= 2, f"the matched points did not move: {on_the_star} -> {widget.evaluate(MARKERS)}"
+            assert widget.locator(".sx-truth:visible").count() == 0
+            widget.screenshot(path=str(ARTIFACTS / "correspondence_background.png"))
+
+            # More clicks, for the click-to-redraw time.
+            for x, y in [(40, 30), (10, 10), (55, 20), (30, 45), (20, 55), (60, 5), (45, 40), (5, 30)]:
+                click(x, y)
+
+            # New features: another timestep, applied by Recompute (busy, progress bar), then new maps.
+            page.evaluate(
+                """element => {
+                window.__sdlabSawBusy = false;
+                window.__sdlabProgress = [];
+                new MutationObserver(() => {
+                    const disabled = element.querySelector("fieldset").disabled;
+                    if (element.classList.contains("sx-busy") && disabled) window.__sdlabSawBusy = true;
+                    const text = element.querySelector(".sx-progress-text").textContent;
+                    if (text && !window.__sdlabProgress.includes(text)) window.__sdlabProgress.push(text);
+                }).observe(element, {attributes: true, subtree: true, childList: true, characterData: true});
+            }""",
+                widget.element_handle(),
+            )
+            pixels, heat = widget.evaluate(TARGET_PIXELS), _heat_version(widget)
+            _set_slider(widget.locator("input.sx-cx-timestep"), 801)
+            assert "Recompute" in widget.locator(".sx-cx-pending").inner_text()
+            widget.locator("button.sx-cx-recompute").click()
+            page.wait_for_function(
+                "element => element.querySelector('.sx-cx-summary').textContent.includes('t = 801')",
+                arg=widget.element_handle(),
+            )
+            page.wait_for_function(
+                "([element, heat]) => !element.classList.contains('sx-busy') && "
+                "Number(element.dataset.heatVersion || 0) > heat",
+                arg=[widget.element_handle(), heat],
+            )
+            assert page.evaluate("window.__sdlabSawBusy"), "the controls were not disabled while recomputing"
+            assert any("image" in text for text in page.evaluate("window.__sdlabProgress")), "no progress shown"
+            assert widget.evaluate(TARGET_PIXELS) != pixels, "new features did not change the heat maps"
+            assert widget.locator(".sx-message").inner_text() == ""
+            assert widget.locator(".sx-cx-pending").inner_text() == ""
+            widget.screenshot(path=str(ARTIFACTS / "correspondence_t801.png"))
+        finally:
+            try:
+                page.screenshot(path=str(ARTIFACTS / "correspondence_last_page.png"))
+            except Exception:
+                pass
+            (ARTIFACTS / "correspondence_console.log").write_text("\n".join(console))
+            context.close()
+
+    summary = {
+        "run_all_seconds": round(run_all_seconds, 1),
+        "clicks": len(kernel_ms),
+        "click_to_redraw_ms": {
+            "median": statistics.median(kernel_ms),
+            "p90": sorted(kernel_ms)[int(0.9 * (len(kernel_ms) - 1))],
+            "max": max(kernel_ms),
+        },
+        "playwright_round_trip_ms_median": statistics.median(round_trip_ms),
+        "samples": {"click_to_redraw_ms": kernel_ms, "playwright_round_trip_ms": round_trip_ms},
+        "requests_outside_the_server": requests_out,
+    }
+    (ARTIFACTS / "correspondence_redraw.json").write_text(json.dumps(summary, indent=1))
+    print("\nclick to redraw (ms):", summary["click_to_redraw_ms"], "| run all:", summary["run_all_seconds"], "s")
+    assert requests_out == [], f"the page fetched from outside the local server: {requests_out[:5]}"
+    assert summary["click_to_redraw_ms"]["median"] < REDRAW_SANITY_BOUND_MS

@@ -14,7 +14,7 @@ import lab.cli
 import lab.pipelines
 from lab import launcher
 
-NOTEBOOKS = ["00_tour", "01_attribution"]
+NOTEBOOKS = ["00_tour", "01_attribution", "05_correspondence"]
 needs_model = pytest.mark.skipif(
     not (lab.pipelines.EMBEDDED_MODEL / "model_index.json").exists(),
     reason="the embedded TinyWorld model is not in lab/models/tinyworld-sd",
@@ -95,7 +95,8 @@ def test_copies_never_overwrite_the_users_edits(tmp_path):
     edited.cells[0].source = "# My notes"
     nbformat.write(edited, tour)
     (tmp_path / "01_attribution.ipynb").unlink()
-    assert launcher.copy_notebooks(tmp_path) == {"00_tour.ipynb": "kept", "01_attribution.ipynb": "copied"}
+    kept = {f"{name}.ipynb": "kept" for name in NOTEBOOKS}
+    assert launcher.copy_notebooks(tmp_path) == {**kept, "01_attribution.ipynb": "copied"}
     assert nbformat.read(tour, as_version=4).cells[0].source == "# My notes"
 
 

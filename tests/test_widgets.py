@@ -1,5 +1,6 @@
-"""widgets.AttributionExplorer, kernel side: what it sends the browser, and that it follows the controls;
-and widgets.base, what every sdlab widget shares (on a minimal widget of its own, at the end).
+"""widgets.AttributionExplorer and widgets.CorrespondenceExplorer, kernel side: what they send the browser,
+and that they follow the controls; and widgets.base, what every sdlab widget shares (on a minimal widget
+of its own, at the end).
 
 The browser side (drawing, timing in a real page) is tests/test_browser.py. Here the widget wraps real
 lab.daam runs of the tiny random SD-1 pipeline (lab.testing), so no trained model is needed.
@@ -18,6 +19,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pytest
+import torch
 import traitlets
 from PIL import Image
 
@@ -26,6 +28,7 @@ import lab.pipelines
 import widgets
 from widgets.attribution import COLORMAPS, STATIC
 from widgets.base import LabWidget, Unanswerable, colormap_table, colormap_tables, css, esm, heat_bytes, png_bytes
+from widgets.correspondence import tinyworld_images
 
 PROMPT = "a red circle left of a blue square"
 STEPS = 3
@@ -252,6 +255,221 @@ def test_composed_front_end_parses(tmp_path):
     module = tmp_path / "attribution.mjs"
     module.write_text(widgets.AttributionExplorer._esm)
     subprocess.run([NODE, "--check", str(module)], check=True, capture_output=True, timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# widgets.CorrespondenceExplorer: DIFT matches of a clicked point (tiny random SD-1; TinyWorld renders)
+# ---------------------------------------------------------------------------------------------------------
+
+CX_SETTINGS = dict(timestep=261, blocks="up_blocks.1", ensemble=2)
+
+
+@pytest.fixture(scope="module")
+def renders():
+    return tinyworld_images("star")
+
+
+@pytest.fixture
+def correspondence(sd1, renders):
+    return widgets.CorrespondenceExplorer(sd1, renders, prompt="a star", **CX_SETTINGS)
+
+
+def shown_matches(explorer) -> list[tuple[int, int]]:
+    return [(x, y) for x, y, _ in explorer.matched]
+
+
+def expected_heats(explorer) -> list[np.ndarray]:
+    """What the browser should get: lab.dift.similarity of the point, min-max normalised, as bytes."""
+    cosine = lab.dift.similarity(explorer.features, tuple(explorer.point), target_index=[1, 2, 3]).numpy()
+    low, high = cosine.min(axis=(1, 2), keepdims=True), cosine.max(axis=(1, 2), keepdims=True)
+    return [np.clip((c - lo) / (hi - lo) * 255 + 0.5, 0, 255).astype(np.uint8) for c, lo, hi in zip(cosine, low, high)]
+
+
+def test_correspondence_sends_images_keypoints_and_matches(correspondence, renders):
+    explorer = correspondence
+    assert len(explorer.image_pngs) == 4 and explorer.num_targets == 3
+    assert explorer.image_size == explorer.sent_size == [64, 64]
+    for png, rendered in zip(explorer.image_pngs, renders):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), rendered.image)
+    # TinyWorld renders: their keypoints are shown, and the point starts on the source's top tip.
+    assert [set(points) for points in explorer.keypoints] == [set(r.keypoints[0]) for r in renders]
+    assert explorer.point == pytest.approx(list(renders[0].keypoints[0]["tip_top"]))
+    assert explorer.query_keypoint == "tip_top"
+    assert explorer.feature_settings == {
+        "prompt": "a star",
+        "timestep": 261,
+        "blocks": ["up_blocks.1"],
+        "ensemble": 2,
+        "seed": 0,
+    }
+    assert "t = 261 · up_blocks.1 · ensemble 2 · prompt “a star” · PCK@0.1" in explorer.feature_summary
+    where, scores = lab.dift.match_points(explorer.features, [explorer.point], target_index=[1, 2, 3])
+    assert shown_matches(explorer) == [tuple(w) for w in where[:, 0].tolist()]
+    assert [score for _, _, score in explorer.matched] == pytest.approx(scores[:, 0].tolist())
+    for heat, expected in zip(explorer.heats, expected_heats(explorer)):
+        assert np.abs(np.frombuffer(heat, np.uint8).reshape(64, 64).astype(int) - expected).max() <= 1
+    assert all("px from the true tip_top" in note for note in explorer.match_notes)
+    assert explorer.can_recompute and not explorer.busy and explorer.message == ""
+
+
+def test_correspondence_features_are_lab_dift_per_image(correspondence, sd1, renders):
+    """Each image's features: lab.dift.extract on that image alone, same seed."""
+    for index in (0, 2):
+        alone = lab.dift.extract(sd1, [renders[index].image], prompt="a star", progress=False, **CX_SETTINGS)
+        assert torch.allclose(correspondence.features.features[index], alone.features[0], atol=1e-6)
+
+
+def test_correspondence_a_click_moves_the_matches(correspondence):
+    explorer = correspondence
+    before_matches, before_heats = explorer.matched, explorer.heats
+    # One browser message: the point and the request number, set together (as ipywidgets does).
+    with explorer.hold_trait_notifications():
+        explorer.point, explorer.request = [5.5, 60.25], 1
+    assert explorer.answered_request == 1
+    where, _ = lab.dift.match_points(explorer.features, [(5.5, 60.25)], target_index=[1, 2, 3])
+    assert shown_matches(explorer) == [tuple(w) for w in where[:, 0].tolist()]
+    assert explorer.heats != before_heats and explorer.matched != before_matches
+    assert explorer.query_keypoint == "" and "px from the true" not in " ".join(explorer.match_notes)
+    # A keypoint, by name: the notes say how far each match fell from its true position.
+    explorer.pick("tip_lower_left")
+    assert explorer.query_keypoint == "tip_lower_left"
+    assert all(re.search(r"\d+\.\d px from the true tip_lower_left [✓✗]", note) for note in explorer.match_notes)
+    with pytest.raises(KeyError, match="no keypoint 'tail'"):
+        explorer.pick("tail")
+
+
+def test_correspondence_answers_a_click_in_milliseconds(correspondence):
+    """Only a sanity bound: the browser test measures the click-to-redraw time."""
+    durations = []
+    for x in [3, 20, 40, 60] * 3:
+        started = time.perf_counter()
+        correspondence.point = [x, 30]
+        durations.append((time.perf_counter() - started) * 1000)
+    assert statistics.median(durations) < 100
+
+
+def test_correspondence_a_bad_point_is_a_message_not_an_error(correspondence):
+    explorer = correspondence
+    matched = explorer.matched
+    with explorer.hold_trait_notifications():
+        explorer.point, explorer.request = [64, 10], 5
+    assert "outside the 64x64 source image" in explorer.message and explorer.answered_request == 5
+    assert explorer.matched == matched  # the last good matches stay on display
+    explorer.point = [float("nan"), 3]
+    assert "outside" in explorer.message
+    explorer.point = [10, 10]
+    assert explorer.message == "" and explorer.matched != matched
+
+
+def test_correspondence_recompute_from_the_browser_shows_progress(correspondence, sd1, renders):
+    explorer = correspondence
+    seen = recorder(explorer, "busy", "progress", "progress_text")
+    old = explorer.features
+    heats = explorer.heats
+    # What "Recompute" sends: the controls' values, then the event.
+    explorer.blocks, explorer.timestep, explorer.ensemble = ["up_blocks.0"], 601, 1
+    assert explorer.features is old  # nothing recomputed until asked
+    explorer._on_browser_message(explorer, {"event": "recompute"}, [])
+    assert explorer.features is not old
+    assert seen["busy"] == [True, False]
+    assert seen["progress"] == pytest.approx([0.25, 0.5, 0.75, 1.0, 0.0])
+    assert seen["progress_text"][1:-1] == [f"image {i} / 4" for i in range(1, 5)]
+    assert explorer.feature_settings["blocks"] == ["up_blocks.0"] and explorer.feature_settings["timestep"] == 601
+    assert explorer.features.features.shape[1] == 64  # up_blocks.0 of the tiny UNet: 64 channels
+    assert "t = 601 · up_blocks.0 · ensemble 1" in explorer.feature_summary
+    assert explorer.heats != heats  # the point's maps, from the new features
+    where, _ = lab.dift.match_points(explorer.features, [explorer.point], target_index=[1, 2, 3])
+    assert shown_matches(explorer) == [tuple(w) for w in where[:, 0].tolist()]
+    alone = lab.dift.extract(
+        sd1, [renders[1].image], prompt="a star", timestep=601, blocks="up_blocks.0", ensemble=1, progress=False
+    )
+    assert torch.allclose(explorer.features.features[1], alone.features[0], atol=1e-6)
+    # From Python, with keyword arguments.
+    explorer.recompute(timestep=101, blocks="up_blocks.1")
+    assert (explorer.timestep, explorer.blocks, explorer.feature_settings["timestep"]) == (101, ["up_blocks.1"], 101)
+
+
+def test_correspondence_failed_recompute_is_shown_and_keeps_the_features(correspondence):
+    explorer = correspondence
+    features, matched = explorer.features, explorer.matched
+    explorer.timestep = 5000
+    explorer._on_browser_message(explorer, {"event": "recompute"}, [])
+    assert explorer.message.startswith("feature extraction failed") and "timestep" in explorer.message
+    assert not explorer.busy and explorer.features is features and explorer.matched == matched
+    explorer.timestep, explorer.blocks = 261, ["no_such_block"]
+    explorer._on_browser_message(explorer, {"event": "recompute"}, [])
+    assert "not blocks of this UNet" in explorer.message and explorer.features is features
+
+
+def test_correspondence_user_images_without_keypoints(sd1, renders):
+    rng = np.random.default_rng(0)
+    target = Image.fromarray(rng.integers(0, 256, (32, 48, 3), dtype=np.uint8))  # another size: resized
+    explorer = widgets.CorrespondenceExplorer(sd1, [renders[0].image, target, np.asarray(renders[2].image)], ensemble=1)
+    assert explorer.image_size == [64, 64] and explorer.num_targets == 2
+    assert explorer.keypoints == [{}, {}, {}] and explorer.point == [32.0, 32.0]
+    assert explorer.prompt == "" and explorer.query_keypoint == "" and "PCK" not in explorer.feature_summary
+    assert explorer.image_labels == ["source", "target 1", "target 2"]
+    assert len(explorer.matched) == len(explorer.heats) == 2
+    # Keypoints given by hand, in each image's own pixels (the resized target's are scaled with it).
+    explorer = widgets.CorrespondenceExplorer(
+        sd1, [renders[0].image, target], keypoints=[{"eye": (10, 20)}, {"eye": (24, 16)}], ensemble=1
+    )
+    assert explorer.keypoints[1] == {"eye": [32.0, 32.0]} and explorer.point == [10.0, 20.0]
+    assert explorer.query_keypoint == "eye" and "px from the true eye" in explorer.match_notes[0]
+    with pytest.raises(ValueError, match="a source image and at least one target"):
+        widgets.CorrespondenceExplorer(sd1, [renders[0].image])
+
+
+def test_correspondence_of_features_only(sd1, renders):
+    features = lab.dift.extract(sd1, [r.image for r in renders[:3]], timestep=101, ensemble=1, progress=False)
+    explorer = widgets.CorrespondenceExplorer(features=features, point=(30, 30))
+    assert explorer.features is features and not explorer.can_recompute
+    assert explorer.feature_settings["timestep"] == 101 and explorer.num_targets == 2
+    where, _ = lab.dift.match_points(features, [(30, 30)], target_index=[1, 2])
+    assert shown_matches(explorer) == [tuple(w) for w in where[:, 0].tolist()]
+    explorer._on_browser_message(explorer, {"event": "recompute"}, [])
+    assert "pass pipe= to recompute" in explorer.message
+
+
+def test_correspondence_snapshot_and_static_html(correspondence):
+    picture = correspondence.snapshot(100)
+    assert picture.size == (4 * 100 + 3 * 6, 100)
+    data, _ = correspondence._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in data
+    figure = data["text/html"]
+    assert figure.startswith('<figure class="sdlab-explorer-static sdlab-correspondence-static"')
+    assert "DIFT correspondence" in figure and "the source&#x27;s tip_top" in figure
+    png = base64.b64decode(re.search(r"base64,([^\"]+)", figure).group(1))
+    assert Image.open(io.BytesIO(png)).size == (4 * 160 + 3 * 6, 160)
+
+
+def test_correspondence_front_end_is_shipped_and_fetches_nothing(tmp_path):
+    script = (STATIC / "correspondence.js").read_text()
+    assert re.search(r"^\s*import\s", script, re.MULTILINE) is None
+    assert re.search(r"https?://|fetch\(|XMLHttpRequest|WebSocket", script) is None
+    module = widgets.CorrespondenceExplorer._esm
+    assert module.index("function requester(") < module.index("function render(")
+    assert module.rstrip().endswith("export default { render };")
+    assert widgets.CorrespondenceExplorer._css.index(".sdlab-widget {") < widgets.CorrespondenceExplorer._css.index(
+        ".sdlab-correspondence .sx-cx-stage"
+    )
+    if NODE is not None:  # a helper redefined by the widget would be a SyntaxError in the browser
+        path = tmp_path / "correspondence.mjs"
+        path.write_text(module)
+        subprocess.run([NODE, "--check", str(path)], check=True, capture_output=True, timeout=60)
+
+
+@pytest.mark.skipif(
+    not (lab.pipelines.EMBEDDED_MODEL / "model_index.json").exists(),
+    reason="the embedded TinyWorld model is not in lab/models/tinyworld-sd",
+)
+def test_correspondence_defaults_to_the_embedded_model_and_four_stars():
+    explorer = widgets.CorrespondenceExplorer(ensemble=2)
+    assert explorer.image_labels[0] == "source: a large red star on plain" and explorer.num_targets == 3
+    assert explorer.prompt == "a star" and explorer.feature_settings["blocks"] == ["up_blocks.1"]
+    correct, total = explorer.pck()
+    assert total == 18 and correct / total >= 0.5  # the embedded model finds most of the stars' keypoints
+    assert f"PCK@0.1 {correct}/{total}" in explorer.feature_summary
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -2,11 +2,13 @@
 
     import widgets
     widgets.AttributionExplorer()        # embedded TinyWorld model, a default prompt: DAAM heat maps to explore
+    widgets.CorrespondenceExplorer()     # embedded model, four TinyWorld stars: click a point, see DIFT's matches
 
 What they share (busy/progress/message, the request throttle, encoders, static copies, the JS helpers of
 static/base.js) is widgets.base.LabWidget: see docs/jupyter.md, "writing a widget".
 """
 
 from widgets.attribution import AttributionExplorer
+from widgets.correspondence import CorrespondenceExplorer
 
-__all__ = ["AttributionExplorer"]
+__all__ = ["AttributionExplorer", "CorrespondenceExplorer"]
