@@ -456,7 +456,15 @@ def test_correspondence_notebook_runs_and_a_click_moves_the_matches(jupyterlab):
         )
         try:
             page.set_default_timeout(STEP_ACTION_MS)
-            page.goto(f"{jupyterlab.url}/lab/tree/05_correspondence.ipynb?token={jupyterlab.token}")
+            # A workspace of its own: the default one would reopen the tour's tab from the test before.
+            page.goto(
+                f"{jupyterlab.url}/lab/workspaces/correspondence/tree/05_correspondence.ipynb?token={jupyterlab.token}"
+            )
+            page.wait_for_function(
+                "() => { const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
+                " return Boolean(panel && panel.context && panel.context.path === '05_correspondence.ipynb'); }",
+                timeout=KERNEL_READY_MS,
+            )
             page.wait_for_function(KERNEL_IDLE, timeout=KERNEL_READY_MS)
             started = time.perf_counter()
             page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")

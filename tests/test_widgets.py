@@ -387,6 +387,9 @@ def test_correspondence_recompute_from_the_browser_shows_progress(correspondence
     # From Python, with keyword arguments.
     explorer.recompute(timestep=101, blocks="up_blocks.1")
     assert (explorer.timestep, explorer.blocks, explorer.feature_settings["timestep"]) == (101, ["up_blocks.1"], 101)
+    # Several blocks (each L2-normalised, concatenated): shown as one choice, "a+b".
+    explorer.recompute(blocks=["up_blocks.0", "up_blocks.1"])
+    assert explorer.features.features.shape[1] == 64 + 32 and "up_blocks.0+up_blocks.1" in explorer.feature_summary
 
 
 def test_correspondence_failed_recompute_is_shown_and_keeps_the_features(correspondence):
