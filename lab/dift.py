@@ -45,7 +45,7 @@ PRESETS = {
     "sd2": dict(timestep=261, blocks=("up_blocks.1",), ensemble=8),  # the paper's SD 2.1 setting
     "sd1": dict(timestep=261, blocks=("up_blocks.1",), ensemble=8),  # SD 2.1's values: same UNet layout
     "sdxl": dict(timestep=261, blocks=("up_blocks.0",), ensemble=8),  # the up block at 1/2 of the latent size
-    "tinyworld": dict(timestep=261, blocks=("up_blocks.1",), ensemble=8),  # chosen on TinyWorld's validation split
+    "tinyworld": dict(timestep=261, blocks=("down_blocks.0", "up_blocks.1"), ensemble=8),  # benchmarks/dift_pck.py
 }
 _CHANNEL_CHUNK = 64  # channels upsampled at a time in similarity(): bounds memory at large image sizes
 
@@ -110,6 +110,7 @@ def extract(
     batch_size: int = 8,
     memory_limit: int | None = hooks.DEFAULT_MEMORY_LIMIT,
     progress: bool = True,
+    callback=None,
 ) -> DiftFeatures:
     """DIFT features of `images`: PIL images or uint8 arrays (RGB, sides a multiple of the VAE's factor), or
     a lab result holding generated images (e.g. an AttributionRun).
@@ -121,6 +122,8 @@ def extract(
     seed        seeds the noise and the VAE samples: the same seed gives the same features.
     batch_size  UNet rows per pass (images x ensemble members are flattened into rows).
     memory_limit  the features kept for all images, estimated by lab's guard before anything runs.
+    callback    fn(rows_done, rows_total) after every UNet pass, e.g. for a widget's progress bar
+                (progress=True shows a tqdm bar when there is more than one pass).
     """
     preset = PRESETS[preset_for(pipe)]
     timestep = preset["timestep"] if timestep is None else timestep
@@ -179,6 +182,8 @@ def extract(
                 total = sums.setdefault(name, torch.zeros(len(arrays), *output.shape[1:]))
                 total.index_add_(0, index, output)
                 capture.reset()
+            if callback is not None:
+                callback(min(start + batch_size, len(rows)), len(rows))
     features = _combine([sums[site.name] / ensemble for site in block_sites])
     settings = {
         "timestep": int(timestep),

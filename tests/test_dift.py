@@ -83,7 +83,9 @@ def test_the_ensemble_mean_does_not_depend_on_how_rows_are_batched(sd1):
     images = random_images(3)
     one = dift.extract(sd1, images, ensemble=4, batch_size=1, progress=False)
     many = dift.extract(sd1, images, ensemble=4, batch_size=12, progress=False)
-    odd = dift.extract(sd1, images, ensemble=4, batch_size=5, progress=False)
+    seen = []
+    odd = dift.extract(sd1, images, ensemble=4, batch_size=5, progress=False, callback=lambda *a: seen.append(a))
+    assert seen == [(5, 12), (10, 12), (12, 12)]
     torch.testing.assert_close(one.features, many.features, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(odd.features, many.features, rtol=1e-4, atol=1e-5)
     other_seed = dift.extract(sd1, images, ensemble=4, seed=1, progress=False)
