@@ -469,7 +469,8 @@ def test_correspondence_front_end_is_shipped_and_fetches_nothing(tmp_path):
 def test_correspondence_defaults_to_the_embedded_model_and_four_stars():
     explorer = widgets.CorrespondenceExplorer(ensemble=2)
     assert explorer.image_labels[0] == "source: a large red star on plain" and explorer.num_targets == 3
-    assert explorer.prompt == "a star" and explorer.feature_settings["blocks"] == list(lab.dift.PRESETS["tinyworld"]["blocks"])
+    assert explorer.prompt == "a star"
+    assert explorer.feature_settings["blocks"] == list(lab.dift.PRESETS["tinyworld"]["blocks"])
     correct, total = explorer.pck()
     assert total == 18 and correct / total >= 0.5  # the embedded model finds most of the stars' keypoints
     assert f"PCK@0.1 {correct}/{total}" in explorer.feature_summary
