@@ -587,49 +587,9 @@ class AttributionRun(Result):
 
     # -- open-vocabulary maps (OVAM) ----------------------------------------------------------
 
-    def open_vocab_map(
-        self,
-        word: "str | OptimizedToken",
-        attribution_prompt: str | None = None,
-        image: int = 0,
-        steps=None,
-        sites=None,
-        heads=None,
-        occurrence: int | None = None,
-        pipe=None,
-    ) -> HeatMap:
-        """The OVAM map of `word`, which need not be in the generation prompt (see lab.ovam).
-
-        word                a word, or an OptimizedToken from optimize_token (then attribution_prompt
-                            and occurrence come from it)
-        attribution_prompt  the text encoded for the keys; it must contain `word`. Default: the word alone.
-        pipe                the pipeline that generated the run (for its text encoder and to_k layers);
-                            default: the one that traced it (pass it after AttributionRun.load).
-        steps, sites, heads, occurrence: as in heat_map.
-        """
-        return ovam.open_vocab_map(self, word, attribution_prompt, image, steps, sites, heads, occurrence, pipe)
-
-    def optimize_token(
-        self,
-        word: str,
-        mask,
-        attribution_prompt: str | None = None,
-        image: int = 0,
-        steps=None,
-        sites=None,
-        heads=None,
-        occurrence: int | None = None,
-        epochs: int = 100,
-        lr: float = 0.05,
-        pipe=None,
-        progress: bool = True,
-    ) -> "OptimizedToken":
-        """OVAM's token optimisation: fit the word's text embedding so its open-vocabulary map matches
-        `mask` on this image; `other_run.open_vocab_map(token)` then segments the concept elsewhere.
-        See lab.ovam.optimize_token for the arguments and the loss."""
-        return ovam.optimize_token(
-            self, word, mask, attribution_prompt, image, steps, sites, heads, occurrence, epochs, lr, pipe, progress
-        )
+    # The maps themselves live in lab.ovam, whose functions take the run first: they are this class's methods.
+    open_vocab_map = ovam.open_vocab_map
+    optimize_token = ovam.optimize_token
 
     def self_attention_map(self, x: float, y: float, image: int = 0, steps=None, sites=None) -> HeatMap:
         """Where the image attends from pixel (x, y) (x right, y down, image coordinates).

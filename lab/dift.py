@@ -145,19 +145,23 @@ def extract(
     arrays = as_uint8_images(images)
     means = torch.cat([mean for mean, _ in posteriors])
     stds = torch.cat([std for _, std in posteriors])
-    latents = means
 
     # Every (image, member) pair is one UNet row; the rows of one image are consecutive.
     rows = [(image, member) for image in range(len(arrays)) for member in range(ensemble)]
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((len(rows), *latents.shape[1:]), generator=generator).to(latents.device, latents.dtype)
-    vae_noise = torch.randn((len(rows), *latents.shape[1:]), generator=generator).to(latents.device, torch.float32)
+    noise = torch.randn((len(rows), *means.shape[1:]), generator=generator).to(means.device, means.dtype)
+    vae_noise = torch.randn((len(rows), *means.shape[1:]), generator=generator).to(means.device, torch.float32)
+    # The text is encoded once, one row per image; each pass takes the rows of its images.
+    height, width = (size * pipe.vae_scale_factor for size in means.shape[-2:])
+    conditioning = diffusion.encode_prompt(pipe, prompts, guidance=False).unet_inputs(
+        pipe, height, width, guidance=False
+    )
     sums: dict[str, torch.Tensor] = {}
     order = [site.name for site in all_sites]
     stop_at = _site_after(all_sites, max(order.index(site.name) for site in block_sites))
     with hooks.trace(pipe, guidance="none", memory_limit=None) as tr:
         captures = {site.name: tr.capture(site.name, "output", reduce=Mean(), rows="all") for site in block_sites}
-        _refuse_if_too_large(tr, latents.shape[-2:], len(arrays), memory_limit)
+        _refuse_if_too_large(tr, means.shape[-2:], len(arrays), memory_limit)
         if stop_at is not None:
             tr.edit(stop_at, "output", _stop)
         chunks = range(0, len(rows), batch_size)
@@ -167,9 +171,7 @@ def extract(
             # A posterior sample per member, as the reference encodes each copy of the image.
             z0 = (means[images_of_rows] + stds[images_of_rows] * vae_noise[start : start + len(chunk)]).to(means.dtype)
             x_t = diffusion.add_noise(pipe.scheduler, z0, noise[start : start + len(chunk)], timestep)
-            embeddings = diffusion.encode_prompt(pipe, [prompts[image] for image in images_of_rows], guidance=False)
-            height, width = (size * pipe.vae_scale_factor for size in x_t.shape[-2:])
-            inputs = embeddings.unet_inputs(pipe, height, width, guidance=False)
+            inputs = _rows_of(conditioning, images_of_rows)
             t = torch.tensor(timestep, device=x_t.device)
             with torch.no_grad():
                 try:
@@ -213,6 +215,15 @@ def _check(pipe, all_sites, timestep, blocks, ensemble, batch_size):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     return [site for site in all_sites if site.name in blocks]
+
+
+def _rows_of(conditioning: dict, rows: list[int]) -> dict:
+    """The UNet's conditioning keywords for these rows (SDXL's added_cond_kwargs included)."""
+    index = torch.tensor(rows)
+    picked = {"encoder_hidden_states": conditioning["encoder_hidden_states"][index]}
+    if "added_cond_kwargs" in conditioning:
+        picked["added_cond_kwargs"] = {k: v[index] for k, v in conditioning["added_cond_kwargs"].items()}
+    return picked
 
 
 def _site_after(all_sites, index: int) -> str | None:
