@@ -39,6 +39,12 @@ How it works
 Order of hooks at one site and tensor: all edits in registration order, then all captures (which
 therefore see the edited tensor).
 
+Techniques (lab.freeu, lab.pag, ...) register their hooks on `shared_trace(pipe)`: the trace already
+active on the UNet, or one of their own, so they stack with each other and with the user's captures.
+Their extra UNet calls (SAG's degraded pass, PAG's perturbed pass) are side passes (Trace.side_pass,
+Trace.call_unet): StepContext.pass_name names them, edits run in every pass and captures only in
+the pipeline's own ("main") calls unless registered with passes=.
+
 Batch rows beyond the two CFG halves: captures and edits pick rows by name (`rows="cond"`, "uncond",
 "perturbed" in diffusers' PAG pipelines, or images a technique names with `tr.name_rows(source=0,
 target=1)`); see lab.hooks.context.
@@ -68,6 +74,7 @@ from lab.hooks.trace import (
     Trace,
     active_hooks,
     remove_all_hooks,
+    shared_trace,
     trace,
 )
 
@@ -89,6 +96,7 @@ __all__ = [
     "ExplicitAttnProcessor",
     "STANDARD_PROCESSORS",
     "trace",
+    "shared_trace",
     "sites",
     "select_sites",
     "kind",

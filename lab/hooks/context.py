@@ -44,6 +44,9 @@ class StepContext:
     parts      The parts stacked in this call's batch, in order: ("uncond", "cond"), ("cond",),
                ("uncond", "cond", "perturbed"), or what the technique named with Trace.name_rows.
     groups     {name: row indices} for every part and every named image group of this call.
+    pass_name  "main" for the calls the pipeline makes; a technique's own extra UNet calls (SAG's
+               degraded pass, PAG's perturbed pass, Attend-and-Excite's gradient passes) run as side
+               passes under their own name (Trace.side_pass), at the step of the call they serve.
     """
 
     step: int
@@ -61,6 +64,7 @@ class StepContext:
     size: tuple[int, int] | None = None
     parts: tuple[str, ...] = ()
     groups: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    pass_name: str = "main"
 
     def rows(self, spec="both") -> tuple[int, ...]:
         """The row indices of this call that a rows= choice picks (empty if none)."""
@@ -130,6 +134,22 @@ class Rows:
                 rows &= set(ctx.groups.get(word, ()))
             chosen |= rows
         return tuple(sorted(chosen))
+
+
+def passes_argument(passes) -> frozenset[str] | None:
+    """passes= of a capture or edit: "all" (None), a pass name ("main", "sag", ...) or a collection of them."""
+    if passes == "all":
+        return None
+    names = (
+        {passes}
+        if isinstance(passes, str)
+        else set(passes)
+        if isinstance(passes, (list, tuple, set, frozenset))
+        else None
+    )
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise TypeError(f"passes must be 'all', 'main', a side pass name, or a list of those, got {passes!r}")
+    return frozenset(names)
 
 
 def as_slice(rows: tuple[int, ...]) -> slice | None:

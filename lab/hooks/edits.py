@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from lab.hooks.context import CFG_PARTS, Rows, StepContext, as_slice, explicit_steps, steps_filter
+from lab.hooks.context import CFG_PARTS, Rows, StepContext, as_slice, explicit_steps, passes_argument, steps_filter
 from lab.hooks.reducers import Reducer, Stack, TensorLayout, downsampled_size
 from lab.hooks.selectors import Selector
 from lab.hooks.sites import Site, canonical_what
@@ -28,8 +28,9 @@ def rows_argument(rows, cfg, default: str) -> Rows:
 class _Hook:
     """What edits and captures share: where (sites), which tensor, at which steps, which batch rows."""
 
-    def __init__(self, trace, selector, what: str, steps, rows: Rows):
+    def __init__(self, trace, selector, what: str, steps, rows: Rows, passes="all"):
         self.trace = trace
+        self.passes = passes_argument(passes)  # None: every pass
         self.selector = Selector.parse(selector)  # parsed once; resolved per latent size by the trace
         self.what = canonical_what(what)
         self.steps = steps
@@ -50,6 +51,8 @@ class _Hook:
         return self._rows_of_call[1]
 
     def wants(self, ctx: StepContext) -> bool:
+        if self.passes is not None and ctx.pass_name not in self.passes:
+            return False
         return self._step_ok(ctx) and bool(self.selected_rows(ctx))
 
     def _where(self) -> str:
@@ -62,8 +65,8 @@ class _Hook:
 class Edit(_Hook):
     """fn(tensor, ctx) -> tensor of the same shape, applied at the chosen sites, steps and batch rows."""
 
-    def __init__(self, trace, selector, what, fn, steps, rows: Rows):
-        super().__init__(trace, selector, what, steps, rows)
+    def __init__(self, trace, selector, what, fn, steps, rows: Rows, passes="all"):
+        super().__init__(trace, selector, what, steps, rows, passes)
         if not callable(fn):
             raise TypeError(f"the edit function must be callable, got {type(fn).__name__}")
         self.fn = fn
@@ -103,8 +106,8 @@ class Capture(_Hook):
     (split guidance with rows spanning both halves: the step's second call).
     """
 
-    def __init__(self, trace, selector, what, reduce: Reducer, steps, rows: Rows, device, detach):
-        super().__init__(trace, selector, what, steps, rows)
+    def __init__(self, trace, selector, what, reduce: Reducer, steps, rows: Rows, device, detach, passes="main"):
+        super().__init__(trace, selector, what, steps, rows, passes)
         if not isinstance(reduce, Reducer):
             raise TypeError(f"reduce must be a lab reducer (Mean, Sum, Stack, TopK), got {reduce!r}")
         self.reduce = reduce

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
@@ -19,6 +20,7 @@ from lab.hooks.reducers import Mean, Reducer, Stack, tensor_layout
 from lab.hooks.sites import ATTENTION_WHATS, BLOCK_WHATS, UNET_WHATS, WHATS_OF_KIND, Site, sites, unet_of
 
 GUIDANCE_MODES = ("auto", "batched", "split", "none")
+_UNET_POSITIONAL = ("sample", "timestep", "encoder_hidden_states")  # UNet2DConditionModel.forward's first arguments
 DEFAULT_MEMORY_LIMIT = 2 * 1024**3  # bytes of captured tensors per generation; None disables the check
 
 # ----------------------------------------------------------------------------------------------
@@ -37,13 +39,8 @@ class _UnetCallHook(_LabHook):
         self.trace = trace
 
     def __call__(self, unet, args, kwargs):
-        sample = kwargs["sample"] if "sample" in kwargs else args[0]
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        if "encoder_hidden_states" in kwargs:
-            encoder_hidden_states = kwargs["encoder_hidden_states"]
-        else:
-            encoder_hidden_states = args[2] if len(args) > 2 else None
-        self.trace._begin_unet_call(sample, timestep, encoder_hidden_states)
+        inputs = {**dict(zip(_UNET_POSITIONAL, args)), **kwargs}
+        self.trace._begin_unet_call(inputs)
 
 
 class _UnetTensorHook(_LabHook):
@@ -97,6 +94,33 @@ class _SiteTensorHook(_LabHook):
 # ----------------------------------------------------------------------------------------------
 # The trace
 # ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def shared_trace(model, **trace_options):
+    """The trace to register a technique's hooks on: the one already active on the model's UNet, or
+    a new one for the duration of the block. What is registered through it is removed on exit (also on
+    an exception), so techniques stack with each other and with the user's own trace:
+
+        with lab.trace(pipe) as tr, lab.freeu(pipe), lab.pag(pipe):    # each technique uses shared_trace
+            maps = tr.capture("cross", "probs")
+
+    trace_options (guidance=, ...) apply only when a new trace is opened.
+    """
+    active = _ACTIVE_TRACES.get(unet_of(model))
+    if active is None:
+        with Trace(model, **trace_options) as opened:
+            yield opened
+        return
+    hooks, parts, images = list(active._hooks), active._named_parts, dict(active._named_images)
+    try:
+        yield active
+    finally:
+        active._hooks = [hook for hook in active._hooks if any(hook is kept for kept in hooks)]
+        active._named_parts, active._named_images = parts, images
+        if active._state == "active":
+            active._sync()
+
 
 # UNet -> the trace active on it. Weak keys: a deleted pipeline takes its entry with it.
 _ACTIVE_TRACES: "weakref.WeakKeyDictionary[torch.nn.Module, Trace]" = weakref.WeakKeyDictionary()
@@ -163,6 +187,9 @@ class Trace:
         self._named_parts: tuple[str, ...] | None = None
         self._named_images: dict[str, tuple[int, ...]] = {}
         self._split_seen = False
+        # side passes (see side_pass)
+        self._side: tuple[str, tuple[str, ...]] | None = None
+        self._main_inputs: dict[str, Any] | None = None
 
     def __repr__(self):
         return f"<lab.Trace {self._state} on {type(self.unet).__name__}: {len(self._hooks)} hooks>"
@@ -263,6 +290,7 @@ class Trace:
         device: str | torch.device | None = "cpu",
         detach: bool = True,
         cfg: str | None = None,
+        passes="main",
     ) -> Capture:
         """Record `what` at `sites` through `reduce` (default Mean over steps).
 
@@ -272,9 +300,12 @@ class Trace:
         steps   None (all), an int, a range/list of step numbers (StepContext.step) or f(ctx) -> bool.
         device  where results are stored: "cpu" (default) or None for the model's device.
         detach  False keeps the autograd graph (e.g. to optimise latents through attention maps).
+        passes  "main" (default): the pipeline's own UNet calls, not the extra passes techniques run
+                (SAG, PAG, Attend-and-Excite; see side_pass); a pass name, a list of them, or "all".
         """
         rows = rows_argument(rows, cfg, default="cond")
-        capture = Capture(self, sites, what, reduce if reduce is not None else Mean(), steps, rows, device, detach)
+        reduce = reduce if reduce is not None else Mean()
+        capture = Capture(self, sites, what, reduce, steps, rows, device, detach, passes)
         if capture.what in UNET_WHATS and "heads" in capture.reduce.over:
             raise ValueError(f"{capture.what!r} has no heads axis: drop 'heads' from over")
         self._register(capture)
@@ -289,10 +320,13 @@ class Trace:
         steps=None,
         rows=None,
         cfg: str | None = None,
+        passes="all",
     ) -> Edit:
         """Replace `what` at `sites` by fn(tensor, ctx), at the chosen steps and batch rows (default all;
-        rows as in capture). fn sees only the chosen rows, stacked in batch order."""
-        edit = Edit(self, sites, what, fn, steps, rows_argument(rows, cfg, default="both"))
+        rows as in capture). fn sees only the chosen rows, stacked in batch order. passes: "all" by
+        default (an edit to the model holds in techniques' side passes too, as FreeU does in diffusers'
+        PAG pipeline), or "main", a side pass name, a list of them."""
+        edit = Edit(self, sites, what, fn, steps, rows_argument(rows, cfg, default="both"), passes)
         self._register(edit)
         return edit
 
@@ -393,10 +427,15 @@ class Trace:
         timesteps = getattr(self.scheduler, "timesteps", None)
         return [] if timesteps is None else [float(t) for t in torch.as_tensor(timesteps).flatten().tolist()]
 
-    def _begin_unet_call(self, sample: torch.Tensor, timestep, encoder_hidden_states) -> None:
+    def _begin_unet_call(self, inputs: dict[str, Any]) -> None:
+        sample, timestep, encoder_hidden_states = (inputs.get(name) for name in _UNET_POSITIONAL)
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         batch = sample.shape[0]
         latent_size = (sample.shape[-2], sample.shape[-1])
+        if self._side is not None:
+            self._begin_side_call(t, batch, latent_size)
+            return
+        self._main_inputs = inputs
         # Timesteps decrease during a generation: a larger one (or a new latent size) starts a new
         # generation; the same one again is the second call of a step (split guidance).
         new_run = self._last_timestep is None or t > self._last_timestep or latent_size != self._latent_size
@@ -447,6 +486,92 @@ class Trace:
             )
             if self.memory_limit is not None and estimate.total_bytes > self.memory_limit:
                 self._refuse(estimate)
+
+    # -- side passes: a technique's own UNet calls ------------------------------------------
+
+    @contextlib.contextmanager
+    def side_pass(self, name: str, parts: tuple[str, ...] | list[str] = ("cond",)):
+        """UNet calls inside this block are a technique's side pass, not steps of the pipeline.
+
+        They keep the step of the call they serve (or, before the pipeline's first call, the step of
+        their timestep in the schedule), never advance the step bookkeeping, and their StepContext says
+        pass_name=name with the batch read as `parts`. Edits run in every pass unless registered with
+        passes=; captures record only the "main" pass unless asked. Nested side passes are refused.
+        """
+        parts = tuple(parts)
+        if not name or name == "main" or not isinstance(name, str):
+            raise ValueError(f"a side pass needs a name other than 'main', got {name!r}")
+        if not parts or len(set(parts)) < len(parts):
+            raise ValueError(f"parts must be distinct names such as ('cond',), got {parts!r}")
+        if self._side is not None:
+            raise RuntimeError(f"side pass {name!r} started inside side pass {self._side[0]!r}: not supported")
+        if self._state != "active":
+            raise RuntimeError("side passes run inside an active trace")
+        saved = self._ctx
+        self._side = (name, parts)
+        try:
+            yield self
+        finally:
+            self._side = None
+            self._ctx = saved  # the main call a side pass ran inside goes on with its own context
+
+    def call_unet(self, name: str, rows, *, parts: tuple[str, ...] | list[str] = ("cond",), **inputs) -> torch.Tensor:
+        """Run the UNet again as side pass `name` on `rows` of the current main call's inputs.
+
+        For techniques that need another prediction at this step (SAG's degraded latent, PAG's
+        perturbed attention): every input of the pipeline's call (sample, timestep, text embeddings,
+        SDXL's added_cond_kwargs, ...) is taken at `rows`, then replaced by `inputs` given here.
+        Returns the prediction. Call it from an edit of the "unet" output.
+        """
+        if self._main_inputs is None:
+            raise RuntimeError("call_unet runs during a pipeline's UNet call (from an edit of the 'unet' output)")
+        index = list(rows)
+        batch = self._main_inputs["sample"].shape[0]
+
+        def take(value):
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
+                return value[index]
+            if isinstance(value, dict):
+                return {key: take(item) for key, item in value.items()}
+            return value
+
+        call = {key: take(value) for key, value in self._main_inputs.items()}
+        call.update(inputs)
+        call["return_dict"] = False
+        with self.side_pass(name, parts):
+            return self.unet(**call)[0]
+
+    def _begin_side_call(self, t: float, batch: int, latent_size: tuple[int, int]) -> None:
+        name, parts = self._side
+        if latent_size != self._latent_size:  # e.g. a technique's pass before the pipeline's first call
+            self._latent_size = latent_size
+            self._sync()
+        schedule = self._schedule()
+        if self._ctx is not None and self._ctx.timestep == t:
+            step, run_step, num_steps = self._ctx.step, self._ctx.run_step, self._ctx.num_steps
+        else:
+            step = schedule.index(t) if t in schedule else self._run_step
+            run_step, num_steps = step, len(schedule) or None
+        groups = row_groups(parts, batch, self._named_images)
+        uncond, cond = (_span(groups.get(part, ())) for part in ("uncond", "cond"))
+        batched = set(GUIDANCE_PARTS) <= set(parts)
+        self._ctx = StepContext(
+            step=step,
+            run_step=run_step,
+            timestep=t,
+            num_steps=num_steps,
+            guidance="batched" if batched else "none",
+            part="both" if batched else parts[0],
+            uncond=uncond,
+            cond=cond,
+            batch_size=batch,
+            latent_size=latent_size,
+            call=self._calls,
+            parts=parts,
+            groups=groups,
+            pass_name=name,
+        )
+        self._calls += 1
 
     def _guidance_of_call(self, batch: int) -> tuple[str, str, tuple[str, ...]]:
         """(guidance, part, parts) of this call: see StepContext."""
