@@ -3,6 +3,7 @@
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import generate, snapshot
@@ -755,6 +756,104 @@ def test_resolution_selectors_follow_each_run(sd1, restored):
         level0 = sorted(probs.result())
     assert level1 == sorted(s.name for s in lab.select_sites(sd1, "cross level1"))
     assert level0 == sorted(s.name for s in lab.select_sites(sd1, "cross level0"))
+    check()
+
+
+# ---------------------------------------------------------------------------------------------
+# Merge sites: where a decoder skip connection joins the backbone
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tinyworld():
+    pipe = lab.load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl", "tinyworld"])
+def test_merge_sites_split_every_decoder_resnet_input_into_backbone_and_skip(family, request, restored):
+    pipe = request.getfixturevalue(family)
+    unet = pipe.unet
+    merges = [site for site in lab.sites(pipe) if site.kind == "merge"]
+    assert [site.name for site in merges] == [
+        f"up_blocks.{n}.resnets.{i}" for n, block in enumerate(unet.up_blocks) for i in range(len(block.resnets))
+    ]
+    check = restored(pipe)
+    inputs = {}  # what each resnet really receives, seen by a plain torch pre-hook
+
+    def keep(name):
+        return lambda module, args: inputs.update({name: args[0].clone()})
+
+    handles = [site.module.register_forward_pre_hook(keep(site.name)) for site in merges]
+    try:
+        with lab.trace(pipe) as tr:
+            backbone = tr.capture("merge", "backbone", reduce=lab.Stack(), rows="both")
+            skip = tr.capture("merge", "skip", reduce=lab.Stack(), rows="both")
+            estimate = tr.estimate(latent_size=(8, 12), steps=1)
+            generate(pipe, steps=1, height=8 * pipe.vae_scale_factor, width=12 * pipe.vae_scale_factor)
+    finally:
+        for handle in handles:
+            handle.remove()
+    check()
+    assert [nbytes for _, nbytes in estimate.per_capture] == [backbone.nbytes(), skip.nbytes()]
+    for site in merges:
+        b, h = backbone[site.name][0], skip[site.name][0]  # the only step: (batch, channels, height, width)
+        assert torch.equal(torch.cat([b, h], dim=1), inputs[site.name]), site.name
+        assert b.shape[-2:] == site.spatial_size((8, 12)) == backbone.sizes[site.name]
+        assert b.shape[1] + h.shape[1] == site.module.in_channels
+        block, i = int(site.name.split(".")[1]), int(site.name.split(".")[-1])
+        if i > 0:  # the previous resnet's output, through its attention (same channels)
+            assert b.shape[1] == unet.up_blocks[block].resnets[i - 1].out_channels
+        elif block > 0:  # the previous up block's output
+            assert b.shape[1] == unet.up_blocks[block - 1].resnets[-1].out_channels
+        else:  # the mid block's output
+            assert b.shape[1] == unet.mid_block.resnets[-1].out_channels
+
+
+def test_identity_merge_edits_leave_the_image_bit_identical(sd1, restored):
+    check = restored(sd1)
+    baseline = generate(sd1, steps=2, output_type="np")
+    with lab.trace(sd1) as tr:
+        seen = []
+        tr.edit("merge", "backbone", lambda x, ctx: seen.append(ctx.site.name) or x.clone())
+        tr.edit("merge", "skip", lambda x, ctx: x.clone())  # new tensors: the input is concatenated again
+        same = generate(sd1, steps=2, output_type="np")
+    check()
+    assert len(seen) == 2 * 4 and np.array_equal(same, baseline)
+    with lab.trace(sd1) as tr:
+        tr.edit("up_blocks.1.resnets.0", "skip", lambda x, ctx: x * 0.5)
+        halved = generate(sd1, steps=2, output_type="np")
+    check()
+    assert not np.allclose(halved, baseline)
+
+
+def test_merge_edits_reach_the_resnet_and_both_tensors_share_one_hook(sd1, restored):
+    site = "up_blocks.1.resnets.0"
+    resnet = sd1.unet.get_submodule(site)
+    check = restored(sd1)
+    received = []
+    with lab.trace(sd1) as tr:
+        tr.edit(site, "backbone", lambda x, ctx: torch.zeros_like(x))
+        skip = tr.capture(site, "skip", reduce=lab.Stack(), rows="both")
+        assert len(resnet._forward_pre_hooks) == 1  # one lab hook serves both tensors
+        # Registered after lab's hook, so it sees what the resnet really receives.
+        handle = resnet.register_forward_pre_hook(lambda module, args: received.append(args[0].clone()))
+        try:
+            generate(sd1, steps=1)
+        finally:
+            handle.remove()
+    check()
+    backbone_channels = lab.select_sites(sd1, site)[0].backbone_channels
+    assert backbone_channels == 64 and received[0].shape[1] == 96
+    assert not received[0][:, :backbone_channels].any()
+    assert torch.equal(received[0][:, backbone_channels:], skip[site][0])
+    with pytest.raises(ValueError, match="'output' does not exist at up_blocks.1.resnets.0"):
+        with lab.trace(sd1) as tr:
+            tr.capture(site, "output")
+    with pytest.raises(ValueError, match="'backbone' does not exist at up_blocks.0, up_blocks.1 "):
+        with lab.trace(sd1) as tr:
+            tr.capture("blocks up", "backbone")
     check()
 
 

@@ -146,6 +146,93 @@ def test_selectors_are_parsed_once_and_compose(sd1):
         (Selector.parse(CROSS_UP) & kind("self")).resolve(all_sites)
 
 
+OLD_SELECTORS = [
+    "up",
+    "cross up",
+    "self",
+    "attention",
+    "blocks",
+    "blocks up",
+    "level1",
+    "*",
+    "up_blocks.1.*",
+    "up_blocks.1.attentions.*",
+    "up_blocks.*.attn2",
+    "re:.*",
+    "re:up_blocks",
+    lambda site: True,
+    lambda site: site.place == "up",
+    ["mid_block", "up cross"],
+    kind("block"),
+    kind("attention"),
+    Selector.parse("up_blocks.*") & kind("cross"),
+]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_merge_sites_leave_every_older_selector_as_it_was(family, request):
+    """Selectors written before merge sites existed pick the same sites, in the same order."""
+    pipe = request.getfixturevalue(family)
+    all_sites = lab.sites(pipe, unet=True)
+    assert any(site.kind == "merge" for site in all_sites)
+    without_merges = [lab.Site(s.name, s.kind, s.place, s.level, None) for s in all_sites if s.kind != "merge"]
+
+    def outcome(sites, selector):
+        try:
+            return [site.name for site in lab.select_sites(sites, selector)]
+        except ValueError:
+            return "matches no site"  # e.g. 'up_blocks.1.*' on the tiny SDXL, whose up_blocks.1 has no attention
+
+    for selector in OLD_SELECTORS:
+        picked = outcome(pipe, selector)
+        assert picked == outcome(without_merges, selector), selector
+        assert not any(".resnets." in name for name in picked), selector
+    assert [s.name for s in lab.select_sites(pipe, "up 4x4", latent_size=(8, 8))] == [
+        s.name for s in lab.select_sites(without_merges, "up 4x4", latent_size=(8, 8))
+    ]
+
+
+def test_merge_sites_are_picked_by_name_kind_word_and_resnets_patterns(sd1):
+    merges = [
+        "up_blocks.0.resnets.0",
+        "up_blocks.0.resnets.1",
+        "up_blocks.1.resnets.0",
+        "up_blocks.1.resnets.1",
+    ]
+    pick = lambda sel, **kw: [s.name for s in lab.select_sites(sd1, sel, **kw)]  # noqa: E731
+    assert [s.name for s in lab.sites(sd1) if s.kind == "merge"] == merges
+    assert pick("merge") == pick("up merge") == pick(kind("merge")) == pick("up_blocks.*.resnets.*") == merges
+    assert pick("re:resnets\\.0$") == ["up_blocks.0.resnets.0", "up_blocks.1.resnets.0"]
+    assert pick("up_blocks.1.resnets.1") == ["up_blocks.1.resnets.1"]
+    assert pick("merge 8x8", latent_size=(8, 8)) == pick("merge level0") == merges[2:]
+    assert pick(kind("merge") & (lambda site: site.level == 1)) == merges[:2]  # a predicate filters them in &
+    assert pick(["merge", "mid_block"]) == ["mid_block"] + merges
+    with pytest.raises(ValueError, match="'blocks' and 'merge' pick different sites"):
+        lab.select_sites(sd1, "blocks merge")
+    with pytest.raises(ValueError, match="shorthand 'down merge' matches no site"):
+        lab.select_sites(sd1, "down merge")
+    with pytest.raises(ValueError, match="kind must be .*'merge'"):
+        kind("merges")
+    assert "merge" in lab.hooks.SELECTOR_HELP and "resnets" in lab.hooks.SELECTOR_HELP
+
+
+def test_merge_sites_run_in_execution_order(sd1):
+    """lab.sites lists an up block's merges and attention modules in the order the UNet runs them."""
+    seen = []
+    handles = [
+        module.register_forward_pre_hook(lambda module, args, name=name: seen.append(name))
+        for name, module in sd1.unet.named_modules()
+        if name.startswith("up_blocks.1.") and (name.count(".") == 3 and ".resnets." in name or name.endswith("attn1"))
+    ]
+    try:
+        generate(sd1, steps=1, guidance_scale=1.0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    listed = [s.name for s in lab.sites(sd1) if s.name in set(seen)]
+    assert seen == listed and len(seen) == 4
+
+
 def test_exact_names_never_match_by_prefix(sd1):
     """diffusers' PAG matched "blocks.1" inside "blocks.10"; a lab name is the whole module path."""
     with pytest.raises(ValueError, match="unknown site 'up_blocks.1'.*Did you mean"):

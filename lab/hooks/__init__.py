@@ -11,10 +11,15 @@
 Vocabulary
     site     A place in the UNet, named by its diffusers module path. Attention sites are the
              `Attention` modules ("up_blocks.1.attentions.0.transformer_blocks.0.attn2"), of kind
-             "self" or "cross"; block sites are "down_blocks.N", "mid_block" and "up_blocks.N".
+             "self" or "cross"; block sites are "down_blocks.N", "mid_block" and "up_blocks.N"; merge
+             sites are the decoder resnets ("up_blocks.1.resnets.0"), whose input joins the backbone
+             and a skip connection, torch.cat([backbone, skip], dim=1).
     what     The tensor read or edited at a site. Attention sites: "q", "k", "v" shaped
              (batch, heads, tokens, head_dim); "probs" shaped (batch, heads, queries, keys);
              "output" shaped (batch, queries, channels). Block sites: "output" (batch, channels, h, w).
+             Merge sites: "backbone" and "skip", (batch, channels, h, w) each. Merge sites are picked
+             by name, kind("merge"), the shorthand word "merge" or a glob/regex naming "resnets", so
+             selectors that never mention them ("up", "*") pick what they always picked.
              The "unet" site is the UNet call itself, the denoising step: "input" is the latent x_t it
              is given (after the scheduler's scale_model_input) and "output" its prediction (noise,
              v or sample), both (batch, channels, h, w). Only its exact name "unet" selects it: globs,
@@ -29,6 +34,8 @@ How it works
         fused SDPA, attention slicing or xformers keep running);
       - "output": a forward hook on the `Attention` module or on the block;
       - "unet" site: a forward pre-hook ("input") or a forward hook ("output") on the UNet;
+      - merge sites: one forward pre-hook on the resnet for both tensors, which splits its input
+        by channels and concatenates it again only when an edit changed a part;
       - "probs": `ExplicitAttnProcessor`, which computes the attention probabilities explicitly
         with the standard math so they can be read and edited. This is the only case that replaces
         a processor, and only at the sites that asked for probabilities.

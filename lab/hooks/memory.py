@@ -45,6 +45,9 @@ def hook_shape(site: Site, what: str, batch: int, latent_size, tokens: int) -> t
             height,
             width,
         )
+    if site.kind == "merge":  # the resnet's input torch.cat([backbone, skip]), split at backbone_channels
+        skip_channels = site.module.in_channels - site.backbone_channels
+        return (batch, site.backbone_channels if what == "backbone" else skip_channels, height, width)
     if not site.is_attention:
         return (batch, site.module.resnets[-1].out_channels, height, width)
     attn = site.module

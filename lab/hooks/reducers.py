@@ -31,7 +31,7 @@ def tensor_layout(site: Site, what: str, size: tuple[int, int], ndim: int = 3) -
         return TensorLayout(1, (2,) if spatial_keys else (), False, size)
     if site.is_attention and ndim == 3:
         return TensorLayout(None, (1,), False, size)
-    return TensorLayout(None, (), True, size)  # block or unet tensors, or attention output on a 4-D input
+    return TensorLayout(None, (), True, size)  # block, merge or unet tensors, or attention output on a 4-D input
 
 
 def downsampled_size(size: tuple[int, int], factor: int) -> tuple[int, int]:

@@ -11,7 +11,11 @@ Selectors compose without touching strings: `parse("up") & kind("cross")` is "th
 this selection", `a | b` either. `resolve(sites, latent_size)` gives the matching sites in site order and
 raises a ValueError that says what exists when nothing matches. A selector naming a resolution ("16x16")
 needs the run's latent size; `needs_latent_size` says so, and before the run such words match anything.
-The "unet" site (the UNet call) is picked by its exact name only.
+The "unet" site (the UNet call) is picked by its exact name only. The "merge" sites (decoder resnets, where
+a skip connection joins the backbone) are picked by their exact name, kind("merge"), the shorthand word
+"merge", or a glob/regex that mentions "resnets" (and, inside `kind("merge") & other`, filtered by the
+other part); no other selector reaches them, so selections written before merge sites existed pick what
+they always picked.
 """
 
 from __future__ import annotations
@@ -23,15 +27,18 @@ from typing import Callable
 
 from lab.hooks.sites import Site
 
-SHORTHAND_WORDS = ("attention", "cross", "self", "blocks", "down", "mid", "up")
+SHORTHAND_WORDS = ("attention", "cross", "self", "blocks", "merge", "down", "mid", "up")
 _RESOLUTION_WORD = re.compile(r"^(\d+)x(\d+)$")
 _LEVEL_WORD = re.compile(r"^level(\d+)$")
 SELECTOR_HELP = (
     "A selector is a site name, a glob ('up_blocks.*.attn2'), 're:<regex>' or a compiled regex "
     "(searched in names), a list of selectors, a predicate on Site, or shorthand words that all must "
-    "hold: cross, self, attention, blocks, down, mid, up, levelN, HxW (query size in this run, e.g. "
-    "'cross up 16x16'; shorthands pick attention sites unless 'blocks' is one of the words). "
-    "'unet' (the UNet call) is picked by its exact name only. lab.sites(pipe) lists every site."
+    "hold: cross, self, attention, blocks, merge, down, mid, up, levelN, HxW (query size in this run, e.g. "
+    "'cross up 16x16'; shorthands pick attention sites unless 'blocks' or 'merge' is one of the words). "
+    "'unet' (the UNet call) is picked by its exact name only; merge sites (decoder resnets where a skip "
+    "joins the backbone: 'up_blocks.1.resnets.0', tensors 'backbone' and 'skip') by their name, "
+    "lab.hooks.kind('merge'), the word 'merge' ('up merge', 'merge 16x16') or a glob/regex that mentions "
+    "'resnets' ('up_blocks.*.resnets.*'). lab.sites(pipe) lists every site."
 )
 
 
@@ -42,9 +49,15 @@ def is_shorthand(selector) -> bool:
 
 
 class Selector:
-    """A parsed selector. Subclasses say what matches; `resolve` is shared."""
+    """A parsed selector. Subclasses say what matches; `resolve` is shared.
+
+    `reaches_merge`: whether the selector may pick merge sites at all (see the module docstring);
+    the others never see them, so what they picked before merge sites existed is unchanged. Inside
+    `a & b`, a part that reaches them lets the other parts filter them: kind("merge") & predicate.
+    """
 
     needs_latent_size = False
+    reaches_merge = False
 
     @staticmethod
     def parse(spec) -> "Selector":
@@ -74,9 +87,17 @@ class Selector:
     def matches(self, site: Site, latent_size) -> bool:
         raise NotImplementedError
 
-    def resolve(self, all_sites: list[Site], latent_size: tuple[int, int] | None = None) -> list[Site]:
+    def pool(self, all_sites: list[Site], merge: bool | None = None) -> list[Site]:
+        """The sites this selector may pick: not the UNet call (only its exact name picks it), nor merge
+        sites unless it reaches them (or `merge` says so: the other part of an `&` reaches them)."""
+        merge = self.reaches_merge or bool(merge)
+        return [site for site in all_sites if site.kind != "unet" and (merge or site.kind != "merge")]
+
+    def resolve(
+        self, all_sites: list[Site], latent_size: tuple[int, int] | None = None, *, merge: bool | None = None
+    ) -> list[Site]:
         """The matching sites, in site order. Raises ValueError if none matches."""
-        pool = [site for site in all_sites if site.kind != "unet"]  # only its exact name picks the UNet call
+        pool = self.pool(all_sites, merge)
         matched = [site for site in pool if self.matches(site, latent_size)]
         if not matched:
             raise ValueError(f"{self!r} matches no site{self._sizes_hint(pool, latent_size)}. {SELECTOR_HELP}")
@@ -105,8 +126,8 @@ class Name(Selector):
     def matches(self, site, latent_size) -> bool:
         return site.name == self.name
 
-    def resolve(self, all_sites, latent_size=None):
-        matched = [site for site in all_sites if site.name == self.name]  # "unet" included
+    def resolve(self, all_sites, latent_size=None, *, merge=None):
+        matched = [site for site in all_sites if site.name == self.name]  # "unet" and merge sites included
         if not matched:
             names = [site.name for site in all_sites]
             close = difflib.get_close_matches(self.name, names + list(SHORTHAND_WORDS), n=4, cutoff=0.5)
@@ -118,6 +139,7 @@ class Name(Selector):
 class Glob(Selector):
     def __init__(self, pattern: str):
         self.pattern = pattern
+        self.reaches_merge = "resnets" in pattern
 
     def __repr__(self):
         return f"glob {self.pattern!r}"
@@ -129,6 +151,7 @@ class Glob(Selector):
 class Regex(Selector):
     def __init__(self, pattern: re.Pattern):
         self.pattern = pattern
+        self.reaches_merge = "resnets" in pattern.pattern
 
     def __repr__(self):
         return f"regex {self.pattern.pattern!r}"
@@ -149,17 +172,23 @@ class Predicate(Selector):
 
 
 class Shorthand(Selector):
-    """Words that all must hold. Without 'blocks' they pick attention sites; with it, block sites."""
+    """Words that all must hold. They pick attention sites; with 'blocks', block sites; with 'merge', merge sites."""
 
     def __init__(self, words: list[str]):
         self.words = list(words)
         self.needs_latent_size = any(_RESOLUTION_WORD.match(word) for word in self.words)
+        self.reaches_merge = "merge" in self.words
+        if {"blocks", "merge"} <= set(self.words):
+            raise ValueError(
+                f"shorthand {' '.join(self.words)!r}: 'blocks' and 'merge' pick different sites; "
+                "give a list to have both, e.g. ['blocks up', 'merge up']"
+            )
 
     def __repr__(self):
         return f"shorthand {' '.join(self.words)!r}"
 
     def matches(self, site, latent_size) -> bool:
-        if ("blocks" in self.words) != (site.kind == "block"):
+        if ("blocks" in self.words) != (site.kind == "block") or ("merge" in self.words) != (site.kind == "merge"):
             return False
         for word in self.words:
             if word in ("cross", "self") and site.kind != word:
@@ -183,6 +212,7 @@ class AnyOf(Selector):
     def __init__(self, parts: list[Selector]):
         self.parts = parts
         self.needs_latent_size = any(part.needs_latent_size for part in parts)
+        self.reaches_merge = any(part.reaches_merge for part in parts)
 
     def __repr__(self):
         return "[" + ", ".join(map(repr, self.parts)) + "]"
@@ -190,8 +220,8 @@ class AnyOf(Selector):
     def matches(self, site, latent_size) -> bool:
         return any(part.matches(site, latent_size) for part in self.parts)
 
-    def resolve(self, all_sites, latent_size=None):
-        chosen = {site.name for part in self.parts for site in part.resolve(all_sites, latent_size)}
+    def resolve(self, all_sites, latent_size=None, *, merge=None):
+        chosen = {site.name for part in self.parts for site in part.resolve(all_sites, latent_size, merge=merge)}
         return [site for site in all_sites if site.name in chosen]
 
 
@@ -201,6 +231,7 @@ class AllOf(Selector):
     def __init__(self, parts: list[Selector]):
         self.parts = parts
         self.needs_latent_size = any(part.needs_latent_size for part in parts)
+        self.reaches_merge = any(part.reaches_merge for part in parts)
 
     def __repr__(self):
         return " and ".join(map(repr, self.parts))
@@ -208,10 +239,11 @@ class AllOf(Selector):
     def matches(self, site, latent_size) -> bool:
         return all(part.matches(site, latent_size) for part in self.parts)
 
-    def resolve(self, all_sites, latent_size=None):
+    def resolve(self, all_sites, latent_size=None, *, merge=None):
         chosen = None
+        merge = self.reaches_merge or merge  # a part that reaches merge sites lets the others filter them
         for part in self.parts:
-            names = {site.name for site in part.resolve(all_sites, latent_size)}
+            names = {site.name for site in part.resolve(all_sites, latent_size, merge=merge)}
             chosen = names if chosen is None else chosen & names
         matched = [site for site in all_sites if site.name in chosen]
         if not matched:
@@ -220,12 +252,13 @@ class AllOf(Selector):
 
 
 class Kind(Selector):
-    """Sites of one kind: "self", "cross", "block" (or "attention" for both attention kinds)."""
+    """Sites of one kind: "self", "cross", "block", "merge" (or "attention" for both attention kinds)."""
 
     def __init__(self, kind: str):
-        if kind not in ("self", "cross", "block", "attention"):
-            raise ValueError(f"kind must be 'self', 'cross', 'block' or 'attention', got {kind!r}")
+        if kind not in ("self", "cross", "block", "merge", "attention"):
+            raise ValueError(f"kind must be 'self', 'cross', 'block', 'merge' or 'attention', got {kind!r}")
         self.kind = kind
+        self.reaches_merge = kind == "merge"
 
     def __repr__(self):
         return f"kind {self.kind!r}"

@@ -91,6 +91,30 @@ class _SiteTensorHook(_LabHook):
         return None if edited is output else edited
 
 
+class _MergeHook(_LabHook):
+    """Forward pre-hook on a decoder resnet (a "merge" site), whose input is torch.cat([backbone, skip], dim=1).
+
+    One hook serves both tensors: it splits the input at `site.backbone_channels`, dispatches "backbone"
+    then "skip" (those that hooks asked for) and concatenates again only when one of them changed.
+    """
+
+    def __init__(self, trace: "Trace", site: Site):
+        self.trace, self.site = trace, site
+
+    def __call__(self, resnet, args, kwargs):
+        merged = args[0] if args else kwargs["input_tensor"]
+        split = self.site.backbone_channels
+        parts = {"backbone": merged[:, :split], "skip": merged[:, split:]}
+        edited = {
+            what: self.trace._dispatch(self.site, what, x) if (self.site.name, what) in self.trace._installed else x
+            for what, x in parts.items()
+        }
+        if all(edited[what] is parts[what] for what in parts):
+            return None
+        joined = torch.cat([edited["backbone"], edited["skip"]], dim=1)
+        return ((joined, *args[1:]), kwargs) if args else (args, {**kwargs, "input_tensor": joined})
+
+
 # ----------------------------------------------------------------------------------------------
 # The trace
 # ----------------------------------------------------------------------------------------------
@@ -398,6 +422,13 @@ class Trace:
             )
             self._installed[key] = original
             return
+        if site.kind == "merge":
+            # Both tensors of a merge site share one pre-hook: installed with the first, removed with the last.
+            shared = [handle for (name, _), handle in self._installed.items() if name == site_name]
+            self._installed[key] = (
+                shared[0] if shared else site.module.register_forward_pre_hook(_MergeHook(self, site), with_kwargs=True)
+            )
+            return
         if site.kind == "unet":
             hook = _UnetTensorHook(self, site, what)
             # The trace's own pre-hook (step bookkeeping) was registered first, so it runs first.
@@ -418,7 +449,7 @@ class Trace:
         installed = self._installed.pop(key)
         if key[1] == "probs":
             self.sites_by_name[key[0]].module.set_processor(installed)  # the very object that was there
-        else:
+        elif not any(handle is installed for handle in self._installed.values()):  # a merge site's other tensor
             installed.remove()
 
     # -- step bookkeeping (UNet pre-forward hook) -------------------------------------------
