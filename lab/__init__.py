@@ -20,6 +20,7 @@ from lab import daam, diffusion, dift, heatmap, hooks, ovam, results, tokens, we
 # The types imported below outside __all__ (Capture, Site, AttributionRun, ...) have been reachable as
 # lab.<Name> since before __all__ existed; their home is the module they come from.
 from lab.daam import AttributionRun, HeatMap, OptimizedToken  # noqa: F401
+from lab.freeu import FREEU_PRESETS, freeu
 from lab.hooks import (  # noqa: F401
     Capture,
     CaptureTooLarge,
@@ -54,6 +55,8 @@ __all__ = [
     "token_indices",
     "active_hooks",
     "remove_all_hooks",
+    "freeu",
+    "FREEU_PRESETS",
     # reducers, passed to Trace.capture
     "Mean",
     "Sum",
