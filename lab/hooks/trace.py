@@ -17,7 +17,7 @@ from lab.hooks.edits import Capture, Edit, _Hook, rows_argument
 from lab.hooks.memory import CaptureTooLarge, MemoryEstimate, hook_shape, human_bytes, narrowing_advice
 from lab.hooks.processor import ExplicitAttnProcessor, unsupported_reason
 from lab.hooks.reducers import Mean, Reducer, Stack, tensor_layout
-from lab.hooks.sites import ATTENTION_WHATS, BLOCK_WHATS, UNET_WHATS, WHATS_OF_KIND, Site, sites, unet_of
+from lab.hooks.sites import ATTENTION_WHATS, BLOCK_WHATS, MERGE_WHATS, UNET_WHATS, WHATS_OF_KIND, Site, sites, unet_of
 
 GUIDANCE_MODES = ("auto", "batched", "split", "none")
 _UNET_POSITIONAL = ("sample", "timestep", "encoder_hidden_states")  # UNet2DConditionModel.forward's first arguments
@@ -377,7 +377,7 @@ class Trace:
         if missing:
             raise ValueError(
                 f"{hook.what!r} does not exist at {', '.join(missing)} (attention sites have "
-                f"{ATTENTION_WHATS}, blocks {BLOCK_WHATS}, the 'unet' site {UNET_WHATS})"
+                f"{ATTENTION_WHATS}, blocks {BLOCK_WHATS}, merge sites {MERGE_WHATS}, the 'unet' site {UNET_WHATS})"
             )
         problems = [
             f"{site.name} {reason}"
