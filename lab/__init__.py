@@ -19,6 +19,7 @@ from lab import daam, diffusion, dift, heatmap, hooks, ovam, results, tokens, we
 
 # The types imported below outside __all__ (Capture, Site, AttributionRun, ...) have been reachable as
 # lab.<Name> since before __all__ existed; their home is the module they come from.
+from lab.attend_excite import attend_and_excite
 from lab.daam import AttributionRun, HeatMap, OptimizedToken  # noqa: F401
 from lab.freeu import FREEU_PRESETS, freeu
 from lab.hooks import (  # noqa: F401
@@ -55,6 +56,7 @@ __all__ = [
     "token_indices",
     "active_hooks",
     "remove_all_hooks",
+    "attend_and_excite",
     "freeu",
     "FREEU_PRESETS",
     # reducers, passed to Trace.capture
