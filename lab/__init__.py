@@ -42,7 +42,9 @@ from lab.hooks import (  # noqa: F401
     sites,
     trace,
 )
+from lab.pag import pag
 from lab.pipelines import load_pipeline
+from lab.sag import sag
 from lab.tokens import prompt_tokens, token_indices
 
 __all__ = [
@@ -57,6 +59,8 @@ __all__ = [
     "active_hooks",
     "remove_all_hooks",
     "attend_and_excite",
+    "sag",
+    "pag",
     "freeu",
     "FREEU_PRESETS",
     # reducers, passed to Trace.capture
