@@ -54,15 +54,18 @@ def fold_term(
     term: torch.Tensor,
     guidance_scale: float,
     guidance_rescale: float = 0.0,
+    dropped: tuple[str, ...] = (),
 ) -> torch.Tensor:
     """The UNet output rows that make the pipeline's guidance add `term` (one row per image): see the module
-    docstring. Out of place; rows laid out as ctx.parts says, ("uncond", "cond") or ("cond",)."""
-    if ctx.parts == ("uncond", "cond"):
+    docstring. Out of place; rows laid out as ctx.parts says, ("uncond", "cond") or ("cond",), plus the
+    `dropped` parts a technique added with Trace.extra_rows (the trace drops them before the pipeline sees them)."""
+    guided = tuple(part for part in ctx.parts if part not in dropped)
+    if guided == ("uncond", "cond"):
         if guidance_rescale > 0:
             rows, delta = ctx.rows("uncond"), -term / (guidance_scale - 1)
         else:
             rows, delta = ctx.rows("cond"), term / guidance_scale
-    elif ctx.parts == ("cond",) and ctx.guidance != "split":
+    elif guided == ("cond",) and ctx.guidance != "split":
         rows, delta = ctx.rows("cond"), term
     else:
         raise ValueError(
@@ -92,8 +95,8 @@ def _pipeline_number(pipe, name: str, default: float | None = None) -> float:
 class _Terms:
     """The one edit of the "unet" output (main passes) that sums the registered terms and folds them."""
 
-    def __init__(self, pipe):
-        self.pipe = pipe
+    def __init__(self, pipe, trace: Trace):
+        self.pipe, self.trace = pipe, trace
         self.terms: list[Term] = []
         self.__name__ = "guidance terms"
 
@@ -104,7 +107,8 @@ class _Terms:
             return prediction
         scale = _pipeline_number(self.pipe, "guidance_scale")
         rescale = _pipeline_number(self.pipe, "guidance_rescale", default=0.0)
-        return fold_term(prediction, ctx, torch.stack(terms).sum(0), scale, rescale)
+        dropped = self.trace.extra_parts
+        return fold_term(prediction, ctx, torch.stack(terms).sum(0), scale, rescale, dropped)
 
 
 _TERMS: "weakref.WeakKeyDictionary[Trace, _Terms]" = weakref.WeakKeyDictionary()
@@ -119,7 +123,7 @@ def guidance_term(trace: Trace, pipe, term: Term):
     terms = _TERMS.get(trace)
     opened = terms is None
     if opened:
-        terms = _Terms(pipe)
+        terms = _Terms(pipe, trace)
         trace.edit("unet", "output", terms, passes="main")
         _TERMS[trace] = terms
     terms.terms.append(term)

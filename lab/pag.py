@@ -16,16 +16,17 @@ replaced by the identity, so every position keeps its own value: softmax(Q K^T /
 as diffusers' PAG pipelines compute it (`pipelines/pag/pag_utils.py`, `_apply_perturbed_attention_guidance` and
 `_get_pag_scale`, 1000 included); the paper's recipes for SD 1.5: PAG 5 alone, or CFG 4 + PAG 3.
 
-On lab's core: an edit of "probs" at the chosen layers returns the identity in the "pag" side pass only; an
-edit of the UNet's output runs that pass on the cond rows (Trace.call_unet: same latent, timestep, text and
-SDXL conditioning) and folds s_t (cond - perturbed) into the rows the pipeline's own guidance reads
-(lab.guidance: exact, also with guidance_rescale, which diffusers measures on the unperturbed cond rows).
+On lab's core: the trace appends a copy of the cond rows to every UNet call as the part "perturbed"
+(Trace.extra_rows: same latent, timestep, text and SDXL conditioning; one call of batch 3/2, as diffusers'
+PAG pipeline runs it), an edit of "probs" at the chosen layers returns the identity for those rows only, and
+an edit of the UNet's output folds s_t (cond - perturbed) into the rows the pipeline's own guidance reads
+(lab.guidance: exact, also with guidance_rescale, which diffusers measures on the unperturbed cond rows);
+the trace then drops the perturbed rows, so the pipeline gets the batch it asked for.
 lab's ExplicitAttnProcessor keeps the module's residual connection and rescale_output_factor, so the
 perturbed layer outputs to_out(to_v(x)) (+ residual) / rescale, as diffusers' PAGIdentitySelfAttnProcessor2_0.
-Differences from diffusers are float32 rounding: the perturbed rows run as their own UNet call instead of a
-third part of one batch, and at the chosen layers the main call's attention is computed explicitly
-(softmax, then a matmul) instead of by SDPA. Cost: one UNet pass over the cond rows per step (diffusers: a
-batch 3/2 as large) and the chosen layers' attention maps materialised (heads x queries x keys).
+Differences from diffusers are float32 rounding: at the chosen layers the attention of every row is computed
+explicitly (softmax, then a matmul) instead of by SDPA. Cost: a batch 3/2 as large, as diffusers', and the
+chosen layers' attention maps materialised (heads x queries x keys).
 
 Layers: any lab selector (lab.hooks.SELECTOR_HELP) picking self-attention sites, or block sites, whose
 self-attention layers are then taken. diffusers' pag_applied_layers are regular expressions searched in module
@@ -100,7 +101,8 @@ class PAG:
         stack = contextlib.ExitStack()
         try:
             self._trace = stack.enter_context(hooks.shared_trace(self.pipe))
-            self._edit = self._trace.edit(self.selector, "probs", identity_attention, passes="pag")
+            stack.enter_context(self._trace.extra_rows("perturbed", copy_of="cond"))
+            self._edit = self._trace.edit(self.selector, "probs", identity_attention, rows="perturbed", passes="main")
             stack.enter_context(guidance_term(self._trace, self.pipe, self._term))
         except BaseException:
             stack.close()
@@ -123,9 +125,8 @@ class PAG:
         self.scales.append(scale)
         if scale == 0:
             return None
-        rows = ctx.rows("cond")
-        perturbed = self._trace.call_unet("pag", rows, parts=("cond",))
-        return scale * (prediction[list(rows)] - perturbed)
+        cond, perturbed = list(ctx.rows("cond")), list(ctx.rows("perturbed"))
+        return scale * (prediction[cond] - prediction[perturbed])
 
 
 def identity_attention(probs: torch.Tensor, ctx: StepContext) -> torch.Tensor:

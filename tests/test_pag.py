@@ -276,7 +276,7 @@ def test_an_error_inside_the_perturbed_pass_leaves_the_users_trace_working(sd1, 
         return x
 
     with lab.trace(sd1) as tr:
-        tr.edit(MID, "output", fail, passes="pag")  # the user's edit, in PAG's perturbed pass only
+        tr.edit(MID, "output", fail, rows="perturbed")  # the user's edit, on PAG's perturbed rows only
         with pytest.raises(Stop):
             with lab.pag(sd1):
                 generate(sd1, PROMPTS, steps=3)
@@ -287,18 +287,18 @@ def test_an_error_inside_the_perturbed_pass_leaves_the_users_trace_working(sd1, 
     check()
 
 
-def test_inside_a_user_trace_captures_see_the_main_passes_unless_asked(sd1, restored):
+def test_inside_a_user_trace_captures_pick_the_perturbed_rows_by_name(sd1, restored):
     check = restored(sd1)
     with lab.trace(sd1) as tr:
-        main = tr.capture(MID, "probs", reduce=lab.Stack(), rows="both")
-        perturbed = tr.capture(MID, "probs", reduce=lab.Stack(), rows="all", passes="pag")
+        main = tr.capture(MID, "probs", reduce=lab.Stack(), rows=["uncond", "cond"])
+        perturbed = tr.capture(MID, "probs", reduce=lab.Stack(), rows="perturbed")
         with lab.pag(sd1) as pag:
             got = generate(sd1, PROMPTS, steps=3)
         assert len(tr.describe()) == 2  # PAG's hooks are gone, the user's stay
     check()
     assert [c.pass_name for c in main.contexts] == ["main"] * 3 and main[MID].shape[1] == 4  # [uncond, cond] x 2
     probs = perturbed[MID]  # (steps, cond rows, heads, queries, keys): the identity
-    assert [c.pass_name for c in perturbed.contexts] == ["pag"] * 3 and probs.shape[1] == 2
+    assert [c.parts for c in perturbed.contexts] == [("uncond", "cond", "perturbed")] * 3 and probs.shape[1] == 2
     assert torch.equal(probs, torch.eye(probs.shape[-1]).expand_as(probs))
     alone, _ = lab_pag(sd1, steps=3)
     assert torch.equal(got, alone) and pag.layers == [MID]

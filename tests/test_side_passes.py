@@ -107,3 +107,58 @@ def test_shared_trace_opens_one_or_joins_the_active_one(pipe):
         again = generate(pipe)
     assert torch.equal(again, plain)
     assert lab.active_hooks(pipe) == []
+
+
+def test_extra_rows_extend_every_input_and_are_dropped_from_the_output(pipe):
+    plain = generate(pipe)
+    with lab.trace(pipe) as tr:
+        with tr.extra_rows("probe", copy_of="cond"):
+            inputs = tr.capture("unet", "input", reduce=lab.Stack(), rows="all")
+            seen = []
+            tr.edit("mid_block", "output", lambda x, ctx: seen.append((ctx.parts, ctx.groups.get("probe"))) or x)
+            extended = generate(pipe)
+            x = inputs["unet"]  # (steps, 3 rows, ...): the copy is the cond row
+        assert tr.extra_parts == ()
+        after = generate(pipe)
+    # identical results: the copied rows change nothing the pipeline sees
+    assert torch.allclose(extended, plain, atol=1e-6) and torch.equal(after, plain)
+    assert seen == [(("uncond", "cond", "probe"), (2,))] * STEPS + [(("uncond", "cond"), None)] * STEPS
+    assert x.shape[1] == 3 and torch.equal(x[:, 2], x[:, 1])
+
+
+def test_extra_rows_on_sdxl_copy_the_added_conditioning():
+    from lab.testing import tiny_sdxl_pipeline
+
+    xl = tiny_sdxl_pipeline()
+    run = dict(num_inference_steps=2, guidance_scale=5.0, output_type="latent")
+    plain = xl("a red circle", generator=torch.Generator().manual_seed(0), **run).images
+    with lab.trace(xl) as tr, tr.extra_rows("probe"):
+        out = tr.capture("unet", "output", reduce=lab.Stack(), rows="all")
+        extended = xl("a red circle", generator=torch.Generator().manual_seed(0), **run).images
+    assert torch.allclose(extended, plain, atol=1e-5)
+    assert torch.allclose(out["unet"][:, 2], out["unet"][:, 1], atol=1e-5)  # same inputs -> same prediction
+
+
+def test_extra_rows_errors(pipe):
+    with lab.trace(pipe) as tr:
+        with pytest.raises(ValueError, match="already names rows"):
+            with tr.extra_rows("cond"):
+                pass
+        with tr.extra_rows("probe", copy_of="nothing"):
+            with pytest.raises(ValueError, match="copy_of='nothing'"):
+                generate(pipe)
+        assert tr.extra_parts == ()
+    assert torch.equal(generate(pipe), generate(pipe))
+
+
+def test_resolution_selector_registered_after_a_run_at_another_size(pipe):
+    """A selector naming a resolution is checked against the next run's latent size, not the last one's."""
+    with lab.trace(pipe) as tr:
+        pipe("a", num_inference_steps=1, height=32, width=32, output_type="latent")  # latent 4x4
+        size = lab.hooks.sites(pipe)[0].spatial_size((8, 8))
+        cap = tr.capture(f"cross {size[0]}x{size[1]}", "probs")  # exists at 64 px, not at 32 px
+        generate(pipe)  # 64 px
+        assert cap.result()
+        with pytest.raises(ValueError, match="matches no site"):
+            tr.capture("cross 3x3", "probs")
+            generate(pipe)

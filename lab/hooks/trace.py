@@ -40,7 +40,23 @@ class _UnetCallHook(_LabHook):
 
     def __call__(self, unet, args, kwargs):
         inputs = {**dict(zip(_UNET_POSITIONAL, args)), **kwargs}
-        self.trace._begin_unet_call(inputs)
+        extended = self.trace._begin_unet_call(inputs)
+        return None if extended is None else ((), extended)
+
+
+class _UnetCallEndHook(_LabHook):
+    """Forward hook after every other one on the UNet: drops the rows extra_rows added to the call."""
+
+    def __init__(self, trace: "Trace"):
+        self.trace = trace
+
+    def __call__(self, unet, args, output):
+        keep = self.trace._end_unet_call()
+        if keep is None:
+            return None
+        if isinstance(output, tuple):
+            return (output[0][:keep], *output[1:])
+        return type(output)(**{**output, "sample": output.sample[:keep]})
 
 
 class _UnetTensorHook(_LabHook):
@@ -214,6 +230,11 @@ class Trace:
         # side passes (see side_pass)
         self._side: tuple[str, tuple[str, ...]] | None = None
         self._main_inputs: dict[str, Any] | None = None
+        # extra rows (see extra_rows): (part, copy_of) in order; per running call, the rows to keep
+        self._extra_parts: list[tuple[str, str]] = []
+        self._keep_rows: list[int | None] = []
+        self._unet_end_handle = None
+        self._resolve_pending = False  # a resolution selector registered between runs, resolved at the next call
 
     def __repr__(self):
         return f"<lab.Trace {self._state} on {type(self.unet).__name__}: {len(self._hooks)} hooks>"
@@ -237,6 +258,7 @@ class Trace:
             )
         _ACTIVE_TRACES[self.unet] = self
         self._unet_handle = self.unet.register_forward_pre_hook(_UnetCallHook(self), with_kwargs=True)
+        self._unet_end_handle = self.unet.register_forward_hook(_UnetCallEndHook(self))
         self._state = "active"
         return self
 
@@ -259,6 +281,8 @@ class Trace:
         finally:
             if self._unet_handle is not None:
                 self._unet_handle.remove()
+                self._unet_end_handle.remove()
+            self._main_inputs = None
             if _ACTIVE_TRACES.get(self.unet) is self:
                 del _ACTIVE_TRACES[self.unet]
         if errors:
@@ -299,6 +323,7 @@ class Trace:
     def row_names(self) -> dict[str, str]:
         """Every name rows= accepts on this trace, and what it is."""
         parts = self._named_parts if self._named_parts is not None else KNOWN_PARTS
+        parts = (*parts, *(part for part, _ in self._extra_parts if part not in parts))
         return {**{part: "part" for part in parts}, **{name: "images" for name in self._named_images}}
 
     # -- registering edits and captures -----------------------------------------------------
@@ -366,7 +391,7 @@ class Trace:
             hook.sites = chosen
         self._hooks.append(hook)
         try:
-            self._sync()
+            self._sync(lenient=hook)
         except BaseException:
             self._hooks.remove(hook)
             self._sync()
@@ -391,15 +416,25 @@ class Trace:
 
     # -- installing torch hooks and processors ----------------------------------------------
 
-    def _sync(self) -> None:
-        """Make the installed hooks match the registered ones (resolution selectors follow the latent)."""
+    def _sync(self, lenient: _Hook | None = None) -> None:
+        """Make the installed hooks match the registered ones (resolution selectors follow the latent).
+
+        lenient: a hook just registered whose resolution selector may not fit the last run's latent size;
+        it waits for the next UNet call (the next generation may have another size), which checks it."""
         wanted: dict[tuple[str, str], list[_Hook]] = {}
+        self._resolve_pending = False
         for hook in self._hooks:
             if hook.selector.needs_latent_size:
                 if self._latent_size is None:
                     continue
-                hook.sites = hook.selector.resolve(self.all_sites, self._latent_size)
-                self._check_sites(hook, hook.sites)
+                try:
+                    hook.sites = hook.selector.resolve(self.all_sites, self._latent_size)
+                    self._check_sites(hook, hook.sites)
+                except ValueError:
+                    if hook is not lenient:
+                        raise
+                    hook.sites, self._resolve_pending = [], True
+                    continue
             for site in hook.sites:
                 wanted.setdefault((site.name, hook.what), []).append(hook)
         # Edits before captures, each in registration order (sorted() is stable).
@@ -435,7 +470,7 @@ class Trace:
             self._installed[key] = (
                 site.module.register_forward_pre_hook(hook, with_kwargs=True)
                 if what == "input"
-                else site.module.register_forward_hook(hook)
+                else site.module.register_forward_hook(hook, prepend=True)  # before the end hook trims extra rows
             )
             return
         module = (
@@ -458,15 +493,17 @@ class Trace:
         timesteps = getattr(self.scheduler, "timesteps", None)
         return [] if timesteps is None else [float(t) for t in torch.as_tensor(timesteps).flatten().tolist()]
 
-    def _begin_unet_call(self, inputs: dict[str, Any]) -> None:
+    def _begin_unet_call(self, inputs: dict[str, Any]) -> dict[str, Any] | None:
+        """Step bookkeeping for a UNet call; returns the call's inputs when extra_rows extends its batch."""
         sample, timestep, encoder_hidden_states = (inputs.get(name) for name in _UNET_POSITIONAL)
         t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
         batch = sample.shape[0]
         latent_size = (sample.shape[-2], sample.shape[-1])
         if self._side is not None:
+            self._keep_rows.append(None)
             self._begin_side_call(t, batch, latent_size)
-            return
-        self._main_inputs = inputs
+            return None
+        self._keep_rows = [None]  # a main call is never inside another: anything left is from a failed call
         # Timesteps decrease during a generation: a larger one (or a new latent size) starts a new
         # generation; the same one again is the second call of a step (split guidance).
         new_run = self._last_timestep is None or t > self._last_timestep or latent_size != self._latent_size
@@ -486,6 +523,12 @@ class Trace:
 
         guidance, part, parts = self._guidance_of_call(batch)
         groups = row_groups(parts, batch, self._named_images)
+        extended = None
+        if self._extra_parts and guidance != "split":
+            extended, parts, groups = self._extend(inputs, parts, groups)
+            self._keep_rows = [batch]
+            batch = extended["sample"].shape[0]
+        self._main_inputs = extended if extended is not None else inputs
         uncond, cond = (_span(groups.get(name, ())) for name in ("uncond", "cond"))
         schedule = self._schedule()
         schedule_index = schedule.index(t) if t in schedule else None
@@ -505,10 +548,11 @@ class Trace:
             groups=groups,
         )
         self._calls += 1
-        if new_run:
+        if new_run or self._resolve_pending:
             self._latent_size = latent_size
-            self._check_steps_run(self._ctx.step, len(schedule))
             self._sync()
+        if new_run:
+            self._check_steps_run(self._ctx.step, len(schedule))
             tokens = encoder_hidden_states.shape[1] if isinstance(encoder_hidden_states, torch.Tensor) else 77
             steps_left = len(schedule) - schedule_index if schedule_index is not None else max(len(schedule), 1)
             images = batch // len(parts) if guidance != "split" else batch
@@ -517,6 +561,60 @@ class Trace:
             )
             if self.memory_limit is not None and estimate.total_bytes > self.memory_limit:
                 self._refuse(estimate)
+        return extended
+
+    def _end_unet_call(self) -> int | None:
+        """Rows of the finishing call's output to keep (None: all)."""
+        return self._keep_rows.pop() if self._keep_rows else None
+
+    # -- extra rows: parts a technique adds to the pipeline's batch ---------------------------
+
+    @contextlib.contextmanager
+    def extra_rows(self, part: str, copy_of: str = "cond"):
+        """Inside the block, every main UNet call gets a copy of its `copy_of` rows appended as part `part`.
+
+        What diffusers' PAG pipeline does with its third of the batch: [uncond, cond] becomes [uncond, cond,
+        perturbed], one UNet call, so edits can treat the new rows differently (rows="perturbed") and read
+        them at the "unet" output; after every hook of the call has run, the added rows are dropped, and the
+        pipeline gets the batch it asked for. Every batched input (latent, text embeddings, SDXL's
+        added_cond_kwargs, ...) is copied at those rows. Not under split guidance (one part per call).
+        """
+        if not isinstance(part, str) or not part.isidentifier():
+            raise ValueError(f"part must be a name such as 'perturbed', got {part!r}")
+        taken = {name for name, _ in self._extra_parts} | set(self._named_images)
+        if part in taken or part in ("uncond", "cond", "both", "all"):
+            raise ValueError(f"{part!r} already names rows of this trace: choose another name")
+        entry = (part, copy_of)
+        self._extra_parts.append(entry)
+        try:
+            yield self
+        finally:
+            self._extra_parts.remove(entry)
+
+    @property
+    def extra_parts(self) -> tuple[str, ...]:
+        """The parts extra_rows adds to every main call now (dropped before the pipeline sees the output)."""
+        return tuple(part for part, _ in self._extra_parts)
+
+    def _extend(self, inputs, parts, groups):
+        batch = inputs["sample"].shape[0]
+        index = []
+        for part, copy_of in self._extra_parts:
+            if copy_of not in groups:
+                raise ValueError(f"extra_rows({part!r}, copy_of={copy_of!r}): this call's rows are {list(parts)}")
+            index += list(groups[copy_of])
+            parts = (*parts, part)
+        rows = torch.tensor(list(range(batch)) + index)
+
+        def take(value):
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
+                return value[rows.to(value.device)]
+            if isinstance(value, dict):
+                return {key: take(item) for key, item in value.items()}
+            return value
+
+        extended = {key: take(value) for key, value in inputs.items()}
+        return extended, parts, row_groups(parts, batch + len(index), self._named_images)
 
     # -- side passes: a technique's own UNet calls ------------------------------------------
 
@@ -574,7 +672,7 @@ class Trace:
 
     def _begin_side_call(self, t: float, batch: int, latent_size: tuple[int, int]) -> None:
         name, parts = self._side
-        if latent_size != self._latent_size:  # e.g. a technique's pass before the pipeline's first call
+        if latent_size != self._latent_size or self._resolve_pending:  # e.g. a pass before the pipeline's first call
             self._latent_size = latent_size
             self._sync()
         schedule = self._schedule()
