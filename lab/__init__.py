@@ -15,7 +15,7 @@ edits), lab.diffusion (schedules, DDIM steps, guidance, VAE and prompt encoding)
 
 __version__ = "0.1.0"
 
-from lab import daam, diffusion, dift, heatmap, hooks, ovam, results, tokens, weights
+from lab import daam, diffusion, dift, heatmap, hooks, inversion, ovam, results, tokens, weights
 
 # The types imported below outside __all__ (Capture, Site, AttributionRun, ...) have been reachable as
 # lab.<Name> since before __all__ existed; their home is the module they come from.
@@ -78,6 +78,7 @@ __all__ = [
     "results",
     "diffusion",
     "weights",
+    "inversion",
 ]
 
 _LAZY_MODULES = ("testing",)
