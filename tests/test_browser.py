@@ -6,7 +6,10 @@ notebooks exactly as `sdlab lab` copies them (fast profile: few denoising steps)
 a word, move the step slider, move the threshold, scrub the trajectory and generate, checking each time
 that the picture on screen changed. Then the correspondence notebook (05): run all cells, click points on
 the source image (the matched points on the targets must move, the heat maps redraw) and recompute the
-features at another timestep. Screenshots, the server log and the measured redraw times go to
+features at another timestep. And the guidance notebook (03): run all cells, choose methods with the buttons,
+move the scale to a new value (computed) and back (redrawn from the kernel's cache without a pipeline run),
+scrub the steps, pick a FreeU merge site, and type a subject that is not in the prompt (the message line says
+so). Screenshots, the server log and the measured redraw times go to
 artifacts/browser/ (gitignored); benchmarks/results/widget_redraw.md reports the explorer's numbers.
 
     pytest -m browser tests/test_browser.py -s
@@ -579,3 +582,166 @@ def test_correspondence_notebook_runs_and_a_click_moves_the_matches(jupyterlab):
     print("\nclick to redraw (ms):", summary["click_to_redraw_ms"], "| run all:", summary["run_all_seconds"], "s")
     assert requests_out == [], f"the page fetched from outside the local server: {requests_out[:5]}"
     assert summary["click_to_redraw_ms"]["median"] < REDRAW_SANITY_BOUND_MS
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The guidance notebook: run it, choose methods and scales, come back to a computed scale
+# ---------------------------------------------------------------------------------------------------------
+
+GUIDED_PIXELS = """element => element.querySelector("canvas.sx-gx-guided").toDataURL("image/png")"""
+PANEL_PIXELS = (
+    """element => [...element.querySelectorAll("canvas.sx-gx-overlay")].map((c) => c.toDataURL("image/png"))"""
+)
+
+
+def _pipeline_runs(widget) -> int:
+    return int(widget.get_attribute("data-pipeline-runs") or 0)
+
+
+def test_guidance_notebook_runs_and_the_explorer_redraws(jupyterlab):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    timings = {"computed_ms": [], "cached_ms": [], "local_ms": []}
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(jupyterlab.folder.parent / "chromium-profile-guidance"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1400, "height": 1100},
+        )
+        page = context.new_page()
+        console = []
+        page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
+        requests_out = []
+        page.on(
+            "request",
+            lambda request: (
+                requests_out.append(request.url)
+                if not request.url.startswith((jupyterlab.url, "data:", "blob:"))
+                else None
+            ),
+        )
+        try:
+            page.set_default_timeout(STEP_ACTION_MS)
+            page.goto(f"{jupyterlab.url}/lab/workspaces/guidance/tree/03_guidance.ipynb?token={jupyterlab.token}")
+            page.wait_for_function(
+                "() => { const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
+                " return Boolean(panel && panel.context && panel.context.path === '03_guidance.ipynb'); }",
+                timeout=KERNEL_READY_MS,
+            )
+            page.wait_for_function(KERNEL_IDLE, timeout=KERNEL_READY_MS)
+            started = time.perf_counter()
+            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            # Done when every cell ran, or when one failed (run-all stops there): its error is the assertion's.
+            page.wait_for_function(
+                f"() => (({ALL_CELLS_RUN})() || ({NOTEBOOK_ERRORS})().length > 0) && ({KERNEL_IDLE})()",
+                timeout=RUN_ALL_MS,
+                polling=500,
+            )
+            run_all_seconds = time.perf_counter() - started
+            assert page.evaluate(NOTEBOOK_ERRORS) == []
+
+            widget = page.locator(".sdlab-guidance").first
+            widget.scroll_into_view_if_needed()
+            page.wait_for_function(
+                "element => Number(element.dataset.drawnVersion || 0) > 0", arg=widget.element_handle()
+            )
+            assert "Attend-and-Excite" in widget.locator(".sx-gx-result").inner_text()
+            assert widget.locator("canvas.sx-gx-overlay").count() == 2  # one map per subject
+            widget.screenshot(path=str(ARTIFACTS / "guidance_initial.png"))
+
+            def act(action, kind: str) -> dict:
+                """Do something, wait for the redraw it brings (and for the kernel to be idle), check its kind."""
+                before = {"count": _redraw_count(widget), "runs": _pipeline_runs(widget)}
+                before["guided"], before["panels"] = widget.evaluate(GUIDED_PIXELS), widget.evaluate(PANEL_PIXELS)
+                action()
+                redraw = _wait_for_redraw(page, widget, before["count"])
+                page.wait_for_function("element => !element.classList.contains('sx-busy')", arg=widget.element_handle())
+                assert redraw["kind"] == kind, f"expected a {kind} redraw, got {redraw}"
+                {"kernel": timings["computed_ms"], "cache": timings["cached_ms"], "local": timings["local_ms"]}[
+                    kind
+                ].append(redraw["ms"])
+                return before
+
+            # The method chooser: SAG is computed (busy, a pipeline run), its mask drawn over the image.
+            before = act(lambda: widget.locator("button.sx-gx-method[data-method='sag']").click(), "kernel")
+            assert _pipeline_runs(widget) > before["runs"]
+            assert widget.evaluate(GUIDED_PIXELS) != before["guided"], "choosing SAG did not change the guided image"
+            assert widget.locator("canvas.sx-gx-overlay.sx-gx-mask").count() == 1
+            assert "SAG" in widget.locator(".sx-gx-uses-title").inner_text()
+            sag_default = widget.evaluate(GUIDED_PIXELS)
+
+            # The scale slider: a new scale computes, a computed one is redrawn from the kernel's cache.
+            scale = widget.locator("input.sx-gx-scale")
+            before = act(lambda: _set_slider(scale, 2), "kernel")
+            assert widget.evaluate(GUIDED_PIXELS) != sag_default, "a new SAG scale did not change the guided image"
+            runs = _pipeline_runs(widget)
+            assert runs > before["runs"]
+            assert "0.75" in widget.locator(".sx-gx-cached").inner_text()
+            act(lambda: _set_slider(scale, 0.75), "cache")
+            assert _pipeline_runs(widget) == runs, "a computed scale ran the pipeline again"
+            assert widget.evaluate(GUIDED_PIXELS) == sag_default, "the cached scale did not bring its image back"
+            widget.screenshot(path=str(ARTIFACTS / "guidance_sag.png"))
+
+            # The step slider: the browser alone redraws the mask of another step.
+            step = widget.locator("input.sx-gx-step")
+            last = int(step.get_attribute("max"))
+            panels = widget.evaluate(PANEL_PIXELS)
+            for value in range(last, -1, -1):
+                act(lambda value=value: _set_slider(step, value), "local")
+                if widget.evaluate(PANEL_PIXELS) != panels:
+                    break
+            assert widget.evaluate(PANEL_PIXELS) != panels, "no step showed another mask"
+            assert _pipeline_runs(widget) == runs
+
+            # FreeU: its merge sites, one chosen at a time (a local redraw).
+            act(lambda: widget.locator("button.sx-gx-method[data-method='freeu']").click(), "kernel")
+            group = widget.locator("select.sx-gx-group")
+            options = group.locator("option").all_inner_texts()
+            assert len(options) == 4 and widget.locator("canvas.sx-gx-overlay").count() == 4
+            panels = widget.evaluate(PANEL_PIXELS)
+            act(lambda: group.select_option(options[-1]), "local")
+            assert widget.evaluate(PANEL_PIXELS) != panels
+            widget.screenshot(path=str(ARTIFACTS / "guidance_freeu.png"))
+
+            # PAG, then back to the method the notebook opened on: cached.
+            act(lambda: widget.locator("button.sx-gx-method[data-method='pag']").click(), "kernel")
+            assert "mid_block" in widget.locator(".sx-gx-uses-text").inner_text()
+            runs = _pipeline_runs(widget)
+            act(lambda: widget.locator("button.sx-gx-method[data-method='attend_excite']").click(), "cache")
+            assert _pipeline_runs(widget) == runs
+            widget.screenshot(path=str(ARTIFACTS / "guidance_attend_excite.png"))
+
+            # A subject that is not in the prompt: the message line says so; the images stay.
+            pixels = widget.evaluate(GUIDED_PIXELS)
+            widget.locator("input.sx-gx-subjects").fill("moon")
+            widget.locator("input.sx-gx-subjects").press("Enter")
+            page.wait_for_function(
+                "element => element.querySelector('.sx-message').textContent.includes('not in the prompt')",
+                arg=widget.element_handle(),
+            )
+            message = widget.locator(".sx-message").inner_text()
+            assert "Traceback" not in message and message.startswith("Attend-and-Excite failed")
+            assert widget.evaluate(GUIDED_PIXELS) == pixels
+            widget.screenshot(path=str(ARTIFACTS / "guidance_error.png"))
+        finally:
+            try:
+                page.screenshot(path=str(ARTIFACTS / "guidance_last_page.png"))
+            except Exception:
+                pass
+            (ARTIFACTS / "guidance_console.log").write_text("\n".join(console))
+            context.close()
+
+    summary = {
+        "run_all_seconds": round(run_all_seconds, 1),
+        "computed_redraw_ms": timings["computed_ms"],
+        "cached_redraw_ms": timings["cached_ms"],
+        "local_redraw_ms": timings["local_ms"],
+        "requests_outside_the_server": requests_out,
+    }
+    (ARTIFACTS / "guidance_redraw.json").write_text(json.dumps(summary, indent=1))
+    print(
+        "\nguidance explorer:", {key: value for key, value in summary.items() if key != "requests_outside_the_server"}
+    )
+    assert requests_out == [], f"the page fetched from outside the local server: {requests_out[:5]}"
+    assert max(timings["cached_ms"]) < REDRAW_SANITY_BOUND_MS

@@ -718,3 +718,250 @@ console.log(JSON.stringify({
     assert result["mask"] == [0, 0, 0, 255, 255, 255, 255, 255]
     dimmed = np.clip(np.where((heat / 255.0 > 0.5)[:, None], base_rgb, base_rgb * 0.25) + 0.5, 0, 255).astype(np.uint8)
     assert np.array_equal(np.array(result["dimmed"]).reshape(2, 4)[:, :3], dimmed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# widgets.GuidanceExplorer: plain against guided, and what each method reads (the embedded model, 3 steps)
+# ---------------------------------------------------------------------------------------------------------
+
+GX_STEPS = 3
+needs_tinyworld = pytest.mark.skipif(
+    not (lab.pipelines.EMBEDDED_MODEL / "model_index.json").exists(),
+    reason="the embedded TinyWorld model is not in lab/models/tinyworld-sd",
+)
+
+
+@pytest.fixture(scope="module")
+def tinyworld():
+    if not (lab.pipelines.EMBEDDED_MODEL / "model_index.json").exists():
+        pytest.skip("the embedded TinyWorld model is not in lab/models/tinyworld-sd")
+    pipe = lab.load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def guidance(tinyworld):
+    return widgets.GuidanceExplorer(tinyworld, num_inference_steps=GX_STEPS)
+
+
+def unet_calls(pipe):
+    """A counter of the UNet's forward calls (a plain torch hook, removed by the returned function)."""
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: calls.append(1))
+    return calls, handle.remove
+
+
+def seeded(**kwargs):
+    return dict(num_inference_steps=GX_STEPS, guidance_scale=5.0, generator=torch.Generator().manual_seed(0), **kwargs)
+
+
+def test_guidance_opens_on_attend_and_excite(guidance, tinyworld):
+    explorer = guidance
+    assert explorer.method == "attend_excite" and explorer.scale == 20.0 and explorer.message == ""
+    assert explorer.result.settings["subjects"] == ("circle", "square")  # the prompt's TinyWorld shapes
+    assert explorer.sent_size == [64, 64] and len(explorer.difference) == 64 * 64
+    assert Image.open(io.BytesIO(explorer.guided_png)).size == (64, 64)
+    assert explorer.pipeline_runs == 2 and explorer.cached == [20.0]  # plain, then guided
+    assert explorer.overlay_steps == list(range(GX_STEPS)) and len(explorer.overlay_notes) == GX_STEPS
+    assert explorer.overlay_timesteps == [int(t) for t in tinyworld.scheduler.timesteps]
+    assert set(explorer.method_info) == {"attend_excite", "sag", "pag", "freeu"}
+    assert lab.active_hooks(tinyworld) == []
+    # The plain image is the pipeline's own, the guided one lab.attend_and_excite's: the captures change nothing.
+    plain = tinyworld(PROMPT, **seeded(output_type="np")).images[0]
+    guided = lab.attend_and_excite(tinyworld, PROMPT, ["circle", "square"], **seeded(output_type="np")).images[0]
+    assert np.array_equal(np.asarray(explorer.result.plain), np.round(plain * 255).astype(np.uint8))
+    assert np.array_equal(np.asarray(explorer.result.guided), np.round(guided * 255).astype(np.uint8))
+
+
+def test_guidance_caches_per_scale(guidance, tinyworld):
+    explorer = guidance
+    first_png, runs = explorer.guided_png, explorer.pipeline_runs
+    calls, remove = unet_calls(tinyworld)
+    try:
+        # A new scale, as the browser asks for it (the control and its request number in one message).
+        with explorer.hold_trait_notifications():
+            explorer.scales, explorer.request = {**explorer.scales, "attend_excite": 10.0}, 1
+        assert explorer.answered_request == 1 and not explorer.from_cache
+        assert explorer.pipeline_runs == runs + 1 and calls  # the plain image was cached: one generation
+        assert explorer.guided_png != first_png and explorer.cached == [10.0, 20.0]
+        # Back to a computed scale: answered from the cache, no pipeline call, the same picture.
+        calls.clear()
+        with explorer.hold_trait_notifications():
+            explorer.scales, explorer.request = {**explorer.scales, "attend_excite": 20.0}, 2
+        assert explorer.answered_request == 2 and explorer.from_cache
+        assert calls == [] and explorer.pipeline_runs == runs + 1
+        assert explorer.guided_png == first_png
+        assert explorer.cached_scales() == [10.0, 20.0] and explorer.cached_scales("sag") == []
+    finally:
+        remove()
+
+
+def test_guidance_each_method_keeps_its_scale(guidance):
+    explorer = guidance
+    explorer.show("pag", 5.0)
+    assert (explorer.method, explorer.scale) == ("pag", 5.0)
+    explorer.show("sag")
+    assert explorer.scale == 0.75  # SAG's own default
+    runs = explorer.pipeline_runs
+    explorer.show("pag")
+    assert explorer.scale == 5.0 and explorer.from_cache and explorer.pipeline_runs == runs
+    assert explorer.scales["attend_excite"] == 20.0
+
+
+def test_guidance_attend_and_excite_overlay(guidance, tinyworld):
+    explorer = guidance
+    data = explorer.result.data
+    assert data["subjects"] == [("circle", 3), ("square", 8)]
+    assert data["maps"].shape == data["plain_maps"].shape == (GX_STEPS, 2, 16, 16)
+    assert data["max_attention"].shape == data["plain_max_attention"].shape == (GX_STEPS, 2)
+    assert torch.equal(data["max_attention"], data["maps"].flatten(2).amax(2))
+    assert data["updated"] == [True] * GX_STEPS and data["refinements"][0] > 0  # paper: threshold at step 0
+    panels = explorer.overlay_panels
+    assert [p["label"].split(":")[0] for p in panels] == ["“circle”", "“square”"]
+    assert all(len(p["frames"]) == GX_STEPS and len(p["frames"][0]) == 16 * 16 for p in panels)
+    assert len(explorer.overlay_series) == 4 and explorer.overlay_shaded == list(range(GX_STEPS))
+    # The plain curve is what A&E itself reads on the plain trajectory: its maps with a vanishing step and
+    # no refinement (which leave the latent as it is).
+    reading = lab.attend_and_excite(
+        tinyworld,
+        PROMPT,
+        ["circle", "square"],
+        scale_factor=1e-12,
+        thresholds={},
+        max_iter_to_alter=GX_STEPS,
+        **seeded(),
+    )
+    assert torch.allclose(data["plain_max_attention"], reading.max_attention[:, 0], atol=1e-4)
+    assert torch.allclose(data["plain_maps"], reading.maps[:, 0], atol=1e-4)
+    # The adapted schedule updates at the first steps only; scale 0 is the plain trajectory.
+    explorer.ae_schedule = "adapted"
+    adapted = lab.attend_excite.schedule_for(GX_STEPS)["max_iter_to_alter"]
+    assert explorer.result.settings["max_iter_to_alter"] == adapted < GX_STEPS
+    assert explorer.result.data["updated"] == [step < adapted for step in range(GX_STEPS)]
+    explorer.show(scale=0.0)
+    assert explorer.result.details is None and explorer.overlay_shaded == []
+    assert torch.allclose(explorer.result.data["max_attention"], data["plain_max_attention"], atol=1e-5)
+
+
+def test_guidance_sag_overlay(guidance, tinyworld):
+    result = guidance.show("sag")
+    masks = result.data["masks"]
+    assert masks.shape == (GX_STEPS, 4, 4) and masks.dtype == torch.bool  # the mid block's 4x4 grid
+    assert torch.equal(masks, torch.stack([mask[0] for mask in result.details.masks]))
+    assert result.data["masked_share"].shape == (GX_STEPS,)
+    (panel,) = guidance.overlay_panels
+    assert panel["mode"] == "mask" and (panel["width"], panel["height"]) == (4, 4)
+    assert [np.frombuffer(frame, np.uint8).reshape(4, 4).tolist() for frame in panel["frames"]] == [
+        (mask.numpy() * 255).astype(np.uint8).tolist() for mask in masks
+    ]
+    with lab.sag(tinyworld, scale=0.75):
+        alone = tinyworld(PROMPT, **seeded()).images[0]
+    assert np.array_equal(np.asarray(result.guided), np.asarray(alone))
+
+
+def test_guidance_pag_overlay(guidance, tinyworld):
+    guidance.pag_layers = "up"
+    result = guidance.show("pag", 3.0)
+    data = result.data
+    assert data["difference"].shape == (GX_STEPS, 16, 16) and data["scales"].tolist() == [3.0] * GX_STEPS
+    assert data["layers"] == [s.name for s in lab.sites(tinyworld) if s.kind == "self" and s.name.startswith("up")]
+    assert all(name in guidance.overlay_text for name in data["layers"])
+    assert torch.allclose(data["mean_difference"], data["difference"].flatten(1).mean(1))
+    with lab.pag(tinyworld, scale=3.0, layers="up"):
+        alone = tinyworld(PROMPT, **seeded()).images[0]
+    assert np.array_equal(np.asarray(result.guided), np.asarray(alone))
+
+
+def test_guidance_freeu_overlay(guidance, tinyworld):
+    from widgets.guidance import freeu_values
+
+    result = guidance.show("freeu", 1.0)
+    preset = lab.FREEU_PRESETS["sd15"]  # lab.freeu.preset_for(TinyWorld)
+    assert result.data["values"] == pytest.approx(preset) and freeu_values(preset, 0.0) == dict.fromkeys(preset, 1.0)
+    sites = result.data["sites"]
+    assert list(sites) == [f"up_blocks.{b}.resnets.{r}" for b in (0, 1) for r in (0, 1)]
+    for name, site in sites.items():
+        side = 4 if name.startswith("up_blocks.0") else 8
+        for key in ("backbone_before", "backbone_after", "skip_before", "skip_removed"):
+            assert site[key].shape == (GX_STEPS, side, side)
+        assert site["backbone_mean_abs"].shape == site["skip_low_frequency_share"].shape == (GX_STEPS, 2)
+        assert (site["backbone_after"] >= site["backbone_before"]).all()  # b > 1 on half the channels
+    # s2 = 0.2 damps the second stage's lowest frequencies.
+    low = sites["up_blocks.1.resnets.0"]["skip_low_frequency_share"]
+    assert (low[:, 1] < low[:, 0]).all()
+    assert guidance.overlay_groups == list(sites) and guidance.group == "up_blocks.0.resnets.0"
+    assert set(guidance.group_notes) == set(sites)
+    with lab.freeu(tinyworld, preset="sd15"):
+        alone = tinyworld(PROMPT, **seeded()).images[0]
+    assert np.array_equal(np.asarray(result.guided), np.asarray(alone))
+    half = guidance.show("freeu", 0.5)
+    assert half.data["values"] == pytest.approx({k: 1 + (v - 1) / 2 for k, v in preset.items()})
+
+
+def test_guidance_errors_reach_the_message_and_leave_no_hooks(guidance, tinyworld):
+    explorer = guidance
+    shown = explorer.guided_png
+    explorer.subjects = "circle, triangle"
+    assert explorer.message.startswith("Attend-and-Excite failed: ValueError: subject 'triangle'")
+    assert "Traceback" not in explorer.message and not explorer.busy
+    assert explorer.guided_png == shown and lab.active_hooks(tinyworld) == []
+    explorer.subjects = ""
+    assert explorer.message == ""
+    explorer.pag_layers = "up_blocks.0.resnets.0"
+    explorer.method = "pag"
+    assert "picks no self-attention layer" in explorer.message and lab.active_hooks(tinyworld) == []
+    with pytest.raises(RuntimeError, match="picks no self-attention layer"):
+        explorer.show("pag")
+    explorer.pag_layers = "mid"
+    # A failure in the middle of a generation (the VAE, after every denoising step ran inside lab.sag).
+    decode = tinyworld.vae.decode
+    tinyworld.vae.decode = lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("decoder broke"))
+    try:
+        explorer.method = "sag"
+        assert explorer.message == "SAG failed: RuntimeError: decoder broke"
+        assert lab.active_hooks(tinyworld) == [] and not explorer.busy and explorer.method == "sag"
+    finally:
+        tinyworld.vae.decode = decode
+    explorer.refresh()  # asked again, it runs
+    assert explorer.message == "" and explorer.result.method == "sag"
+
+
+def test_guidance_shows_busy_and_progress_over_both_generations(guidance):
+    seen = recorder(guidance, "busy", "progress")
+    guidance.seed = 1  # a new seed: the plain image and the guided one
+    assert seen["busy"] == [True, False]
+    assert seen["progress"][: 2 * GX_STEPS] == pytest.approx([(i + 1) / (2 * GX_STEPS) for i in range(2 * GX_STEPS)])
+    assert guidance.result.settings["seed"] == 1 and guidance.cached == [20.0]
+
+
+def test_guidance_snapshot_and_static_html(guidance):
+    picture = guidance.snapshot(100)
+    assert picture.size == (5 * 100 + 4 * 6, 115)  # plain, guided, difference, two subject maps
+    data, _ = guidance._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in data
+    figure = data["text/html"]
+    assert figure.startswith('<figure class="sdlab-explorer-static sdlab-guidance-static"')
+    assert "Guidance explorer" in figure and "Attend-and-Excite" in figure
+
+
+def test_guidance_front_end_is_shipped_and_fetches_nothing(tmp_path):
+    script = (STATIC / "guidance.js").read_text()
+    assert re.search(r"^\s*import\s", script, re.MULTILINE) is None
+    assert re.search(r"https?://(?!www\.w3\.org/2000/svg)|fetch\(|XMLHttpRequest|WebSocket", script) is None
+    module = widgets.GuidanceExplorer._esm
+    assert module.index("function requester(") < module.index("function render(")
+    assert module.rstrip().endswith("export default { render };")
+    assert (STATIC / "guidance.css").is_file()
+    if NODE is not None:  # a helper redefined by the widget would be a SyntaxError in the browser
+        path = tmp_path / "guidance.mjs"
+        path.write_text(module)
+        subprocess.run([NODE, "--check", str(path)], check=True, capture_output=True, timeout=60)
+
+
+def test_guidance_default_subjects():
+    from widgets.guidance import default_subjects
+
+    assert default_subjects("a red circle left of a blue square.") == ["circle", "square"]
+    assert default_subjects("a cross left of a cross") == ["cross"]
+    assert default_subjects("a photo of a cat") == []
