@@ -292,7 +292,11 @@ def attend_and_excite(
         raise TypeError(f"prompt must be a string or a list of strings, got {prompt!r}")
     columns = _subject_columns(pipe, prompts, subjects)
     ends = _text_ends(pipe, prompts, normalize_eot)
-    num_steps = pipe_kwargs.pop("num_inference_steps", None) or _pipeline_default(pipe, "num_inference_steps")
+    num_steps = pipe_kwargs.pop("num_inference_steps", None)
+    if num_steps is None:
+        num_steps = _pipeline_default(pipe, "num_inference_steps")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive int, got {num_steps!r}")
     max_iter_to_alter, thresholds = _schedule(max_iter_to_alter, thresholds, num_steps)
     if isinstance(scale_factor, bool) or not isinstance(scale_factor, (int, float)) or not scale_factor > 0:
         raise ValueError(f"scale_factor must be a positive number (the paper's is 20), got {scale_factor!r}")

@@ -313,6 +313,7 @@ def test_restored_after_an_exception_at_every_step(sd1, restored):
         (dict(normalize_eot="yes"), ValueError, "normalize_eot"),
         (dict(prompt_embeds=torch.zeros(1, 77, 32)), ValueError, "prompt_embeds"),
         (dict(token_indices=[4]), TypeError, "subjects as words"),
+        (dict(num_inference_steps=0), ValueError, "num_inference_steps must be a positive int"),
     ],
 )
 def test_bad_inputs_are_refused_before_anything_runs(sd1, restored, arguments, error, match):
