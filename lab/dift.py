@@ -227,8 +227,9 @@ def _rows_of(conditioning: dict, rows: list[int]) -> dict:
 
 
 def _site_after(all_sites, index: int) -> str | None:
-    """The first site that runs after all_sites[index] has returned (None: the last up block)."""
-    later = all_sites[index + 1 :]
+    """The first site with an output that runs after all_sites[index] has returned (None: the last up block).
+    Merge sites have no "output" (they are a resnet's input), so the next attention or block site is taken."""
+    later = [site for site in all_sites[index + 1 :] if site.kind != "merge"]
     return later[0].name if later else None
 
 
