@@ -544,15 +544,16 @@ def _sites(pipe, attn_res, height: int, width: int):
     if len(size) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 2 for n in size):
         raise ValueError(f"attn_res must be an int >= 2 or a (height, width) pair of them, got {attn_res!r}")
     latent = (int(height) // pipe.vae_scale_factor, int(width) // pipe.vae_scale_factor)
-    cross = [site for site in hooks.sites(pipe) if site.kind == "cross"]
-    chosen = [site for site in cross if site.spatial_size(latent) == size]
-    if not chosen:
-        found = sorted({site.spatial_size(latent) for site in cross}, reverse=True)
+    all_sites = hooks.sites(pipe)
+    try:  # resolved here, for this image size, so a missing resolution is refused before anything runs
+        chosen = hooks.Selector.parse(f"cross {size[0]}x{size[1]}").resolve(all_sites, latent)
+    except ValueError:
+        found = sorted({site.spatial_size(latent) for site in all_sites if site.kind == "cross"}, reverse=True)
         raise ValueError(
             f"attn_res={attn_res!r}: no cross-attention map is {size[0]}x{size[1]} for {height}x{width} images (latent "
             f"{latent[0]}x{latent[1]}); here they are {', '.join('%dx%d' % s for s in found)}: pass one of those "
             "as attn_res (the paper reads 16x16 maps of SD at 512 px, latent / 4)"
-        )
+        ) from None
     return chosen, size
 
 

@@ -48,8 +48,8 @@ therefore see the edited tensor).
 
 Techniques (lab.freeu, lab.pag, ...) register their hooks on `shared_trace(pipe)`: the trace already
 active on the UNet, or one of their own, so they stack with each other and with the user's captures.
-Their extra UNet calls (SAG's degraded pass, PAG's perturbed pass) are side passes (Trace.side_pass,
-Trace.call_unet): StepContext.pass_name names them, edits run in every pass and captures only in
+Their extra UNet calls (SAG's degraded pass, Attend-and-Excite's gradient passes) are side passes (Trace.side_pass,
+Trace.call_unet); rows a technique adds to the pipeline's own calls (PAG's "perturbed") come from Trace.extra_rows: StepContext.pass_name names them, edits run in every pass and captures only in
 the pipeline's own ("main") calls unless registered with passes=.
 
 Batch rows beyond the two CFG halves: captures and edits pick rows by name (`rows="cond"`, "uncond",

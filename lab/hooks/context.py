@@ -45,7 +45,7 @@ class StepContext:
                ("uncond", "cond", "perturbed"), or what the technique named with Trace.name_rows.
     groups     {name: row indices} for every part and every named image group of this call.
     pass_name  "main" for the calls the pipeline makes; a technique's own extra UNet calls (SAG's
-               degraded pass, PAG's perturbed pass, Attend-and-Excite's gradient passes) run as side
+               degraded pass, Attend-and-Excite's gradient passes) run as side
                passes under their own name (Trace.side_pass), at the step of the call they serve.
     """
 

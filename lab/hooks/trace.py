@@ -604,16 +604,7 @@ class Trace:
                 raise ValueError(f"extra_rows({part!r}, copy_of={copy_of!r}): this call's rows are {list(parts)}")
             index += list(groups[copy_of])
             parts = (*parts, part)
-        rows = torch.tensor(list(range(batch)) + index)
-
-        def take(value):
-            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
-                return value[rows.to(value.device)]
-            if isinstance(value, dict):
-                return {key: take(item) for key, item in value.items()}
-            return value
-
-        extended = {key: take(value) for key, value in inputs.items()}
+        extended = _inputs_at_rows(inputs, list(range(batch)) + index)
         return extended, parts, row_groups(parts, batch + len(index), self._named_images)
 
     # -- side passes: a technique's own UNet calls ------------------------------------------
@@ -654,17 +645,7 @@ class Trace:
         """
         if self._main_inputs is None:
             raise RuntimeError("call_unet runs during a pipeline's UNet call (from an edit of the 'unet' output)")
-        index = list(rows)
-        batch = self._main_inputs["sample"].shape[0]
-
-        def take(value):
-            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
-                return value[index]
-            if isinstance(value, dict):
-                return {key: take(item) for key, item in value.items()}
-            return value
-
-        call = {key: take(value) for key, value in self._main_inputs.items()}
+        call = _inputs_at_rows(self._main_inputs, list(rows))
         call.update(inputs)
         call["return_dict"] = False
         with self.side_pass(name, parts):
@@ -927,6 +908,21 @@ def remove_all_hooks(model) -> int:
                 getattr(module, extra, {}).pop(item, None)
         removed += 1
     return removed
+
+
+def _inputs_at_rows(inputs: dict[str, Any], rows: list[int]) -> dict[str, Any]:
+    """A UNet call's inputs at the given batch rows: every tensor batched like the latent (also inside dicts
+    such as SDXL's added_cond_kwargs) is indexed; everything else (the timestep, options) is kept."""
+    batch = inputs["sample"].shape[0]
+
+    def take(value):
+        if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
+            return value[torch.tensor(rows, device=value.device)]
+        if isinstance(value, dict):
+            return {key: take(item) for key, item in value.items()}
+        return value
+
+    return {key: take(value) for key, value in inputs.items()}
 
 
 def _span(rows: tuple[int, ...]) -> slice:
