@@ -15,7 +15,7 @@ edits), lab.diffusion (schedules, DDIM steps, guidance, VAE and prompt encoding)
 
 __version__ = "0.1.0"
 
-from lab import daam, diffusion, dift, heatmap, hooks, inversion, ovam, results, tokens, weights
+from lab import daam, diffusion, dift, heatmap, hooks, inversion, ovam, p2p, results, tokens, weights
 
 # The types imported below outside __all__ (Capture, Site, AttributionRun, ...) have been reachable as
 # lab.<Name> since before __all__ existed; their home is the module they come from.
@@ -42,6 +42,7 @@ from lab.hooks import (  # noqa: F401
     sites,
     trace,
 )
+from lab.p2p import prompt_to_prompt
 from lab.pag import pag
 from lab.pipelines import load_pipeline
 from lab.sag import sag
@@ -59,6 +60,7 @@ __all__ = [
     "active_hooks",
     "remove_all_hooks",
     "attend_and_excite",
+    "prompt_to_prompt",
     "sag",
     "pag",
     "freeu",
@@ -79,6 +81,7 @@ __all__ = [
     "diffusion",
     "weights",
     "inversion",
+    "p2p",
 ]
 
 _LAZY_MODULES = ("testing",)

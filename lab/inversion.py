@@ -461,8 +461,11 @@ def _edict_order(step: int, leapfrog: bool) -> tuple[int, int]:
     return first, 1 - first
 
 
-def _edict_generate(pipe, scheduler, pair, inputs, w, settings, progress) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Denoise the pair from timesteps[0]; returns [(x, y)] from the start to the clean pair."""
+def _edict_generate(
+    pipe, scheduler, pair, inputs, w, settings, progress, after_step=None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Denoise the pair from timesteps[0]; returns [(x, y)] from the start to the clean pair. after_step(i, pair)
+    may change the pair in place after step i (Prompt-to-Prompt's LocalBlend)."""
     p, leapfrog = settings["mix_weight"], settings["leapfrog"]
     trajectory = [tuple(pair)]
     for i, t in enumerate(tqdm(scheduler.timesteps.tolist(), desc="EDICT", disable=not progress, leave=False)):
@@ -473,6 +476,8 @@ def _edict_generate(pipe, scheduler, pair, inputs, w, settings, progress) -> lis
         pair[second] = a * pair[second] + b * _predict(pipe.unet, pair[first], t, inputs, w)
         pair[0] = p * pair[0] + (1 - p) * pair[1]
         pair[1] = p * pair[1] + (1 - p) * pair[0]
+        if after_step is not None:
+            after_step(i, pair)
         trajectory.append(tuple(pair))
     return trajectory
 
