@@ -83,6 +83,7 @@ class PromptToPromptResult(Result):
                   blend_start), on the latent grid; None without LocalBlend
     blend_maps    LocalBlend: (targets, 2, h', w') the final summed maps of the blend words, source's then target's,
                   normalised to max 1, on the attention grid; None without LocalBlend
+    latents       the final latents, float32 (n, C, h, w), source first
     settings      every argument that made it: edit, cross/self steps, reweight, blend words, sites, steps, guidance
     """
 
@@ -90,6 +91,7 @@ class PromptToPromptResult(Result):
     settings: dict
     masks: torch.Tensor | None = None
     blend_maps: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
     image_arrays: np.ndarray | None = None
 
     FORMAT = "sdlab.p2p.PromptToPromptResult"
@@ -107,12 +109,14 @@ class PromptToPromptResult(Result):
         return self.images[1:]
 
     def to_record(self):
-        tensors = {name: getattr(self, name) for name in ("masks", "blend_maps") if getattr(self, name) is not None}
+        names = ("masks", "blend_maps", "latents")
+        tensors = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
         return {"prompts": self.prompts, "settings": self.settings}, tensors
 
     @classmethod
     def from_record(cls, metadata, tensors, images):
-        return cls(metadata["prompts"], metadata["settings"], tensors.get("masks"), tensors.get("blend_maps"), images)
+        masks, blend_maps, latents = (tensors.get(name) for name in ("masks", "blend_maps", "latents"))
+        return cls(metadata["prompts"], metadata["settings"], masks, blend_maps, latents, images)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,9 +366,10 @@ def prompt_to_prompt(
         if len(self_range):
             tr.edit("self", "probs", edit_self, rows="cond", passes="main")
         if inversion is not None and inversion.method == "edict":
-            images = _run_edict(pipe, tr, inversion, prompts, state, blend, progress)
+            latents = _run_edict(pipe, tr, inversion, prompts, state, blend, progress)
         else:
-            images = _run_pipeline(pipe, tr, prompts, inversion, pipe_kwargs, state, blend)
+            latents = _run_pipeline(pipe, tr, prompts, inversion, pipe_kwargs, state, blend)
+    images = diffusion.decode_latents(pipe, latents, "np")
 
     names = [
         "reweight" if t == source_prompt and reweight else _edit_name(edit, pipe, source_prompt, [t]) for t in targets
@@ -391,10 +396,8 @@ def prompt_to_prompt(
         blend_maps = (
             torch.stack(pairs) / torch.stack(pairs).flatten(2).amax(2).clamp(min=1e-12)[..., None, None]
         ).cpu()
-    result = PromptToPromptResult(
-        prompts, settings, torch.stack(masks, 0) if masks else None, blend_maps, as_uint8_images(images)
-    )
-    return result
+    masks = torch.stack(masks, 0).cpu() if masks else None
+    return PromptToPromptResult(prompts, settings, masks, blend_maps, latents.float().cpu(), as_uint8_images(images))
 
 
 def _edit_attention(base: torch.Tensor, target_probs: torch.Tensor, target: _Target) -> torch.Tensor:
@@ -478,7 +481,7 @@ def _run_pipeline(pipe, tr, prompts, inversion, pipe_kwargs, state, blend):
         latents=latents,
         callback_on_step_end=on_step_end,
         callback_on_step_end_tensor_inputs=tensor_inputs,
-        output_type="pil",
+        output_type="latent",
         **kwargs,
     )
     return output.images
@@ -510,7 +513,7 @@ def _run_edict(pipe, tr, inv, prompts, state, blend, progress):
 
     with torch.no_grad():
         trajectory = inversions._edict_generate(pipe, scheduler, pair, inputs, w, inv.settings, progress, after_step)
-    return diffusion.decode_latents(pipe, trajectory[-1][0], "pil")
+    return trajectory[-1][0]
 
 
 # ----------------------------------------------------------------------------------------------
