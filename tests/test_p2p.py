@@ -135,7 +135,7 @@ def test_reweight_scales_the_words_attention_in_the_target_rows_only(sd1):
     with lab.trace(sd1) as tr:
         probs = tr.capture("cross", "probs", rows="cond", steps=0, reduce=lab.Mean(over=("steps",)))
         run(sd1, SOURCE, SOURCE, reweight={"red": 3.0})
-    for site, maps in probs.result().items():
+    for maps in probs.result().values():
         source, target = maps[0], maps[1]  # rows [source, target] of the cond part, (heads, queries, tokens)
         torch.testing.assert_close(target[..., red], 3 * source[..., red], rtol=1e-4, atol=1e-7)
         others = [k for k in range(77) if k != red]
