@@ -745,3 +745,120 @@ def test_guidance_notebook_runs_and_the_explorer_redraws(jupyterlab):
     )
     assert requests_out == [], f"the page fetched from outside the local server: {requests_out[:5]}"
     assert max(timings["cached_ms"]) < REDRAW_SANITY_BOUND_MS
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The inversion and editing notebook: run it, scrub LocalBlend's steps, move an injection slider and back
+# ---------------------------------------------------------------------------------------------------------
+
+EDITED_PIXELS = """element => element.querySelector("canvas.sx-ed-edited").toDataURL("image/png")"""
+MASK_PIXELS = """element => element.querySelector("canvas.sx-ed-mask").toDataURL("image/png")"""
+
+
+def test_editing_notebook_runs_and_the_explorer_redraws(jupyterlab):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    timings = {"kernel": [], "cache": [], "local": []}
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(jupyterlab.folder.parent / "chromium-profile-editing"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1400, "height": 1100},
+        )
+        page = context.new_page()
+        console = []
+        page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
+        requests_out = []
+        page.on(
+            "request",
+            lambda request: (
+                requests_out.append(request.url)
+                if not request.url.startswith((jupyterlab.url, "data:", "blob:"))
+                else None
+            ),
+        )
+        name = "02_inversion_and_editing.ipynb"
+        try:
+            page.set_default_timeout(STEP_ACTION_MS)
+            page.goto(f"{jupyterlab.url}/lab/workspaces/editing/tree/{name}?token={jupyterlab.token}")
+            page.wait_for_function(
+                "name => { const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
+                " return Boolean(panel && panel.context && panel.context.path === name); }",
+                arg=name,
+                timeout=KERNEL_READY_MS,
+            )
+            page.wait_for_function(KERNEL_IDLE, timeout=KERNEL_READY_MS)
+            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            page.wait_for_function(
+                f"() => (({ALL_CELLS_RUN})() || ({NOTEBOOK_ERRORS})().length > 0) && ({KERNEL_IDLE})()",
+                timeout=RUN_ALL_MS,
+                polling=500,
+            )
+            assert page.evaluate(NOTEBOOK_ERRORS) == []
+
+            widget = page.locator(".sdlab-editing").first
+            widget.scroll_into_view_if_needed()
+            page.wait_for_function(
+                "element => Number(element.dataset.drawnVersion || 0) > 0", arg=widget.element_handle()
+            )
+            assert "null-text inversion of seed" in widget.locator(".sx-ed-inversion-label").inner_text()
+            assert "PSNR" in widget.locator(".sx-ed-reconstruction-difference").locator("..").locator("..").inner_text()
+            blank = page.evaluate(
+                "() => { const c = document.createElement('canvas'); c.width = 64; c.height = 64;"
+                " return c.toDataURL('image/png'); }"
+            )
+            for canvas in ("sx-ed-source", "sx-ed-reconstruction", "sx-ed-edited", "sx-ed-edit-difference"):
+                assert widget.locator(f"canvas.{canvas}").evaluate("c => c.toDataURL('image/png')") != blank, canvas
+            widget.screenshot(path=str(ARTIFACTS / "editing_initial.png"))
+
+            def act(action, kind: str) -> None:
+                before = _redraw_count(widget)
+                action()
+                redraw = _wait_for_redraw(page, widget, before)
+                page.wait_for_function("element => !element.classList.contains('sx-busy')", arg=widget.element_handle())
+                assert redraw["kind"] == kind, f"expected a {kind} redraw, got {redraw}"
+                timings[kind].append(redraw["ms"])
+
+            # The step slider: LocalBlend's mask of another step, drawn by the browser alone.
+            runs = _pipeline_runs(widget)
+            step = widget.locator("input.sx-ed-step")
+            mask = widget.evaluate(MASK_PIXELS)
+            for value in range(int(step.get_attribute("max")), -1, -1):
+                act(lambda value=value: _set_slider(step, value), "local")
+                if widget.evaluate(MASK_PIXELS) != mask:
+                    break
+            assert widget.evaluate(MASK_PIXELS) != mask, "no step showed another mask"
+            assert _pipeline_runs(widget) == runs
+
+            # The cross-attention slider: a new fraction runs the edit; back to 0.8 comes from the kernel's cache.
+            edited = widget.evaluate(EDITED_PIXELS)
+            cross = widget.locator("input.sx-ed-cross")
+            act(lambda: _set_slider(cross, 0.1), "kernel")
+            assert _pipeline_runs(widget) == runs + 1  # the edit alone: the inversion is cached
+            widget.screenshot(path=str(ARTIFACTS / "editing_cross_0.1.png"))
+            act(lambda: _set_slider(cross, 0.8), "cache")
+            assert _pipeline_runs(widget) == runs + 1, "a computed edit ran the model again"
+            assert widget.evaluate(EDITED_PIXELS) == edited, "the cached edit did not bring its image back"
+
+            # A reweighted word that is not in the prompt: the message line says so; the images stay.
+            widget.locator("select.sx-ed-edit").select_option("reweight")
+            widget.locator("input.sx-ed-reweight-word").fill("moon")
+            widget.locator("input.sx-ed-reweight-word").press("Enter")
+            page.wait_for_function(
+                "element => element.querySelector('.sx-message').textContent.includes('moon')",
+                arg=widget.element_handle(),
+            )
+            assert widget.locator(".sx-message").inner_text().startswith("edit failed")
+            assert widget.evaluate(EDITED_PIXELS) == edited
+            widget.screenshot(path=str(ARTIFACTS / "editing_error.png"))
+        finally:
+            try:
+                page.screenshot(path=str(ARTIFACTS / "editing_last_page.png"))
+            except Exception:
+                pass
+            (ARTIFACTS / "editing_console.log").write_text("\n".join(console))
+            context.close()
+    print("\nediting explorer redraws (ms):", timings)
+    assert requests_out == [], f"the page fetched from outside the local server: {requests_out[:5]}"
+    assert max(timings["cache"]) < REDRAW_SANITY_BOUND_MS

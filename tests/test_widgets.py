@@ -965,3 +965,179 @@ def test_guidance_default_subjects():
     assert default_subjects("a red circle left of a blue square.") == ["circle", "square"]
     assert default_subjects("a cross left of a cross") == ["cross"]
     assert default_subjects("a photo of a cat") == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# widgets.EditingExplorer: a TinyWorld render inverted, edited by Prompt-to-Prompt (the embedded model)
+# ---------------------------------------------------------------------------------------------------------
+
+ED_STEPS = 4
+
+
+@pytest.fixture
+def editing(tinyworld):
+    return widgets.EditingExplorer(
+        tinyworld, 3, method="negative_prompt", num_inference_steps=ED_STEPS, local_blend="square"
+    )
+
+
+def png_of(array) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_editing_opens_on_an_inversion_and_its_edit(editing, tinyworld):
+    from lab.tinyworld.world import render, sample_scene
+    from widgets.editing import psnr
+
+    explorer = editing
+    assert explorer.message == "" and explorer.source_prompt == "a small pink square"  # seed 3's caption
+    assert explorer.target_prompt == "a small green square"  # suggest_edit: the first colour swapped
+    assert explorer.pipeline_runs == 3  # inversion, reconstruction, edit
+    source = render(sample_scene(3)).image
+    result = explorer.result
+    assert np.array_equal(result.inversion.image_arrays[0], source)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(explorer.source_png))), source)
+    # The reconstruction and the edit are lab's own, with the widget's settings.
+    inv = lab.inversion.negative_prompt_inversion(
+        tinyworld, source, explorer.source_prompt, num_inference_steps=ED_STEPS, guidance_scale=5.0, progress=False
+    )
+    images, _ = inv.reconstruct(tinyworld, output_type="np", progress=False)
+    assert np.array_equal(result.reconstruction, images[0]) and result.reconstruction_psnr == psnr(source, images[0])
+    assert f"PSNR {result.reconstruction_psnr:.1f} dB" in explorer.reconstruction_label
+    alone = lab.prompt_to_prompt(
+        tinyworld, explorer.source_prompt, explorer.target_prompt, inversion=inv, local_blend=["square"], progress=False
+    )
+    assert np.array_equal(result.edit.image_arrays, alone.image_arrays)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(explorer.edited_png))), alone.image_arrays[1])
+    # LocalBlend's mask of every step, on the 16x16 latent grid, zero before blend_start.
+    assert explorer.mask_size == [16, 16] and len(explorer.mask_frames) == ED_STEPS == len(explorer.mask_notes)
+    frames = [np.frombuffer(frame, np.uint8).reshape(16, 16) for frame in explorer.mask_frames]
+    assert [(f > 127).tolist() for f in frames] == [(m[0] > 0.5).tolist() for m in alone.masks.numpy()]
+    assert frames[-1].max() == 255  # (4 steps: blend_start 0.2 blends from step 0)
+    assert len(explorer.blend_panels) == 2 and lab.active_hooks(tinyworld) == []
+
+
+def test_editing_caches_inversions_and_edits(editing, tinyworld):
+    explorer = editing
+    first, runs = explorer.edited_png, explorer.pipeline_runs
+    calls, remove = unet_calls(tinyworld)
+    try:
+        # A new cross-attention fraction, as the browser's slider asks: only the edit runs (inversion cached).
+        with explorer.hold_trait_notifications():
+            explorer.cross_steps, explorer.request = 0.25, 1
+        assert explorer.answered_request == 1 and not explorer.from_cache
+        assert explorer.pipeline_runs == runs + 1 and len(calls) == ED_STEPS
+        assert explorer.edited_png != first and explorer.cached_inversions() == 1
+        # Back to the computed value: from the cache, no UNet call, the same picture.
+        calls.clear()
+        with explorer.hold_trait_notifications():
+            explorer.cross_steps, explorer.request = 0.8, 2
+        assert explorer.answered_request == 2 and explorer.from_cache
+        assert calls == [] and explorer.pipeline_runs == runs + 1 and explorer.edited_png == first
+        # Scrubbing the mask's steps is the browser's alone: the step moves, nothing is computed.
+        explorer.step = ED_STEPS - 1
+        assert calls == [] and explorer.shown_version == 3
+        assert explorer.snapshot(64).size == (6 * 64 + 5 * 6, 79)  # five images and the mask of that step
+        # Another method inverts again (once), then comes back from the cache.
+        explorer.show(method="edict", guidance_scale=3.0)
+        assert explorer.result.inversion.method == "edict" and explorer.cached_inversions() == 2
+        calls.clear()
+        explorer.show(method="negative_prompt", guidance_scale=5.0)
+        assert calls == [] and explorer.from_cache and explorer.edited_png == first
+    finally:
+        remove()
+
+
+def test_editing_edits_and_reweight(editing, tinyworld):
+    explorer = editing
+    result = explorer.show(edit="reweight", target_prompt="a small pink square", reweight=("square", 3.0))
+    assert result.edit.settings["edit"] == "reweight" and result.edit.settings["reweight"] == {"square": 3.0}
+    result = explorer.show(edit="refine", target_prompt="a small striped pink square", local_blend="")
+    assert result.edit.settings["edit"] == "refine" and result.edit.masks is None
+    assert explorer.mask_frames == [] and explorer.blend_panels == []
+    # A reweighted word not in the prompt: lab's message, the last result kept.
+    shown = explorer.edited_png
+    explorer.show(edit="auto")
+    with pytest.raises(RuntimeError, match="edit failed"):
+        explorer.show(edit="reweight", reweight=("moon", 2.0))
+    assert "moon" in explorer.message and not explorer.busy and explorer.edited_png != b""
+    explorer.show(edit="auto")
+    assert explorer.message == "" and explorer.edited_png == shown and lab.active_hooks(tinyworld) == []
+
+
+def test_editing_upload(editing, tinyworld):
+    from lab.tinyworld.world import fixed_caption, render, sample_scene
+
+    explorer = editing
+    shown, runs = explorer.source_png, explorer.pipeline_runs
+    # Wrong size: lab.inversion's error in the message; the image on display stays chosen and usable.
+    explorer._on_browser_message(
+        explorer,
+        {
+            "event": "upload",
+            "name": "big.png",
+            "data": base64.b64encode(png_of(np.zeros((40, 50, 3), np.uint8))).decode(),
+        },
+        [],
+    )
+    assert "multiples of 16" in explorer.message and "50x40" in explorer.message and not explorer.busy
+    assert explorer.source == "seed" and explorer.source_png == shown and explorer.pipeline_runs == runs + 1
+    # Wrong mode (RGBA), then bytes that are not an image.
+    buffer = io.BytesIO()
+    Image.new("RGBA", (64, 64)).save(buffer, format="PNG")
+    explorer.upload(buffer.getvalue(), "alpha.png")
+    assert "RGBA image: convert it first" in explorer.message and explorer.source == "seed"
+    explorer.upload(b"not an image", "notes.txt")
+    assert explorer.message.startswith("Upload failed") and explorer.source == "seed"
+    # Still usable: a control moves and computes.
+    explorer.show(self_steps=0.2)
+    assert explorer.message == "" and explorer.result.edit.settings["self_steps"] == 0.2
+    # A good upload (a PNG of another render) with its caption.
+    scene = sample_scene(5)
+    explorer.upload(png_of(render(scene).image), "mine.png", source_prompt=fixed_caption(scene))
+    assert explorer.message == "" and explorer.source == "upload" and "mine.png" in explorer.inversion_label
+    assert np.array_equal(explorer.result.inversion.image_arrays[0], render(scene).image)
+    # Picking a seed again (the browser's event) comes back from the cache when it was computed.
+    explorer._on_browser_message(explorer, {"event": "pick", "seed": 3}, [])
+    assert explorer.source == "seed" and explorer.source_prompt == "a small pink square"
+
+
+def test_editing_progress_and_errors(tinyworld):
+    explorer = widgets.EditingExplorer(tinyworld, 3, method="ddim", num_inference_steps=ED_STEPS)
+    assert explorer.guidance_scale == 1.0 and explorer.mask_frames == []
+    seen = recorder(explorer, "busy", "progress")
+    explorer.show(method="null_text", guidance_scale=5.0)  # the inversion, its reconstruction, the edit
+    assert seen["busy"] == [True, False] and seen["progress"][-1] == 0.0  # cleared when done
+    counted = seen["progress"][:-1]  # a UNet call at a time, up to the bound (null-text may stop early)
+    assert len(counted) > 3 * ED_STEPS and counted == sorted(counted) and 0 < counted[0] and counted[-1] <= 1
+    with pytest.raises(RuntimeError, match="null-text inversion at guidance_scale 1"):
+        explorer.show(guidance_scale=1.0)
+    assert explorer.result.inversion.method == "null_text" and lab.active_hooks(tinyworld) == []
+
+
+def test_editing_static_html_and_front_end(editing, tmp_path):
+    data, _ = editing._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in data
+    figure = data["text/html"]
+    assert figure.startswith('<figure class="sdlab-explorer-static sdlab-editing-static"')
+    assert "Editing explorer" in figure and "negative-prompt" in figure
+    script = (STATIC / "editing.js").read_text()
+    assert re.search(r"^\s*import\s", script, re.MULTILINE) is None
+    assert re.search(r"https?://|fetch\(|XMLHttpRequest|WebSocket", script) is None
+    module = widgets.EditingExplorer._esm
+    assert module.index("function requester(") < module.index("function render(")
+    assert module.rstrip().endswith("export default { render };") and (STATIC / "editing.css").is_file()
+    if NODE is not None:
+        path = tmp_path / "editing.mjs"
+        path.write_text(module)
+        subprocess.run([NODE, "--check", str(path)], check=True, capture_output=True, timeout=60)
+
+
+def test_editing_suggest_edit():
+    from widgets.editing import suggest_edit
+
+    assert suggest_edit("a small pink square") == "a small green square"
+    assert suggest_edit("a large green circle left of a red star") == "a large blue circle left of a red star"
+    assert suggest_edit("a photo of a cat") == "a photo of a cat"

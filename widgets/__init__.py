@@ -4,6 +4,7 @@
     widgets.AttributionExplorer()        # embedded TinyWorld model, a default prompt: DAAM heat maps to explore
     widgets.CorrespondenceExplorer()     # embedded model, four TinyWorld stars: click a point, see DIFT's matches
     widgets.GuidanceExplorer()           # embedded model: plain vs guided for A&E, SAG, PAG, FreeU, and what each reads
+    widgets.EditingExplorer()            # a TinyWorld render inverted (DDIM, null-text, ...), edited by Prompt-to-Prompt
 
 What they share (busy/progress/message, the request throttle, encoders, static copies, the JS helpers of
 static/base.js) is widgets.base.LabWidget: see docs/jupyter.md, "writing a widget".
@@ -11,6 +12,7 @@ static/base.js) is widgets.base.LabWidget: see docs/jupyter.md, "writing a widge
 
 from widgets.attribution import AttributionExplorer
 from widgets.correspondence import CorrespondenceExplorer
+from widgets.editing import EditingExplorer
 from widgets.guidance import GuidanceExplorer
 
-__all__ = ["AttributionExplorer", "CorrespondenceExplorer", "GuidanceExplorer"]
+__all__ = ["AttributionExplorer", "CorrespondenceExplorer", "EditingExplorer", "GuidanceExplorer"]
