@@ -608,6 +608,11 @@ def _check_pipe_kwargs(pipe, pipe_kwargs, inversion) -> None:
             for name in ("num_inference_steps", "guidance_scale", "height", "width", "generator", "latents")
             if name in pipe_kwargs
         ]
+        if inversion.method == "edict" and pipe_kwargs:
+            refused.append(
+                f"{', '.join(sorted(pipe_kwargs))} (an EDICT inversion is edited by lab's coupled steps, not by the "
+                "pipeline's loop: pipeline arguments do not apply)"
+            )
         if inversion.latents.shape[2] != pipe.unet.config.in_channels:
             raise ValueError("this inversion was made with another pipeline: edit with the pipeline that inverted it")
     if refused:

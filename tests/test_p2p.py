@@ -148,7 +148,7 @@ def test_refine_and_reweight_compose(sd1):
 
 
 @needs_model
-def test_local_blend_keeps_the_source_outside_the_mask(embedded):
+def test_local_blend_keeps_the_source_outside_the_mask_embedded(embedded):
     result = run(embedded, local_blend=["circle", "star"], blend_start=0.0, steps=6)
     assert result.masks.shape == (6, 1, *result.latents.shape[-2:])
     mask = result.masks[-1, 0].bool()
@@ -201,7 +201,7 @@ def test_a_real_image_through_each_inversion_regenerates_in_the_source_row(name,
 
 
 @needs_model
-def test_a_real_image_edit_changes_the_object_and_keeps_the_rest(embedded):
+def test_a_real_image_edit_changes_the_object_and_keeps_the_rest_embedded(embedded):
     words = CAPTION.split()
     shapes = [w for w in words if w in ("circle", "square", "triangle", "star", "heart", "hexagon", "cross")]
     target = CAPTION.replace(shapes[0], "star" if shapes[0] != "star" else "circle", 1)
@@ -251,6 +251,12 @@ def test_an_inversion_refuses_its_own_settings_again(sd1):
     inv = _invert(sd1, "ddim")
     with pytest.raises(ValueError, match="the inversion's is used"):
         lab.prompt_to_prompt(sd1, CAPTION, CAPTION, inversion=inv, num_inference_steps=10)
+
+
+def test_pipeline_arguments_are_refused_with_an_edict_inversion(sd1):
+    inv = _invert(sd1, "edict")
+    with pytest.raises(ValueError, match="EDICT inversion is edited by lab's coupled steps"):
+        lab.prompt_to_prompt(sd1, CAPTION, CAPTION, inversion=inv, callback_on_step_end=lambda *a: {})
 
 
 def test_an_error_during_the_run_leaves_the_pipeline_as_it_was(sd1, restored):
