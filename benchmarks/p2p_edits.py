@@ -50,7 +50,17 @@ from lab.tinyworld.world import COLORS, SHAPES, WorldObject, fixed_caption, rend
 RESULTS = Path(__file__).parent / "results"
 SEEDS = {"validation": 45_000_000, "test": 45_500_000}
 EDITS = ("shape", "colour", "striped", "large")
-GRID = {"cross_steps": (0.4, 0.8), "self_steps": (0.4,), "reweight_scale": (2.0, 4.0)}  # validation only
+# The validation grid (stage 1; --settings replaces it): the paper's tau_c = 0.8 and a shorter 0.4, tau_s 0.4, and
+# for the reweight edit the scale. Stage 2 (--settings with each kind's stage-1 choice and blend options, --blend-only)
+# chose LocalBlend's resolution and threshold.
+GRID = {
+    kind: [
+        {"cross_steps": c, "self_steps": 0.4, **({"reweight_scale": r} if kind == "large" else {})}
+        for c in (0.4, 0.8)
+        for r in ((2.0, 4.0) if kind == "large" else (None,))
+    ]
+    for kind in EDITS
+}
 
 
 def edit_of(scene, kind: str) -> tuple[str, dict, WorldObject]:
@@ -110,53 +120,64 @@ def edited_object_mask(image: np.ndarray, changed: WorldObject, other: WorldObje
     return np.zeros(image.shape[:2], bool) if got is None else got.mask
 
 
-def run_scene(pipe, seed: int, steps: int, settings: list[dict], progress) -> dict:
+def run_scene(pipe, seed: int, steps: int, settings: dict, blends: tuple, progress, cache: Path | None) -> dict:
+    """settings: {edit kind: [setting dicts]}; each setting names cross_steps, self_steps, reweight_scale (large
+    only) and optionally blend_resolution and blend_threshold."""
     scene = sample_scene(seed, n_objects=2, texture="plain")
     rendered = render(scene)
     prompt = fixed_caption(scene)
     start = time.perf_counter()
-    inv = inversion.null_text_inversion(
-        pipe, rendered.image, prompt, num_inference_steps=steps, guidance_scale=5.0, progress=False
-    )
-    record = {"seed": seed, "prompt": prompt, "invert_s": time.perf_counter() - start, "edits": []}
+    folder = None if cache is None else cache / f"{seed}_{steps}"
+    if folder is not None and (folder / "result.json").exists():
+        inv = inversion.Inversion.load(folder)
+    else:
+        inv = inversion.null_text_inversion(
+            pipe, rendered.image, prompt, num_inference_steps=steps, guidance_scale=5.0, progress=False
+        )
+        if folder is not None:
+            inv.save(folder)
+    record = {"seed": seed, "prompt": prompt, "invert_s": inv.settings["seconds"], "edits": []}
     first, other = scene.objects
-    for kind, setting, blend in itertools.product(EDITS, settings, (True, False)):
-        target, extra, changed = edit_of(scene, kind)
-        extra = dict(extra)
-        if "reweight" in extra:
-            extra["reweight"] = {"large": setting["reweight_scale"]}
-        elif setting["reweight_scale"] != settings[0]["reweight_scale"]:
-            continue  # the reweight scale changes only the "large" edit
-        words = [first.shape, changed.shape] if blend else None
-        start = time.perf_counter()
-        result = lab.prompt_to_prompt(
-            pipe,
-            prompt,
-            target,
-            inversion=inv,
-            cross_steps=setting["cross_steps"],
-            self_steps=setting["self_steps"],
-            local_blend=words,
-            progress=False,
-            **extra,
-        )
-        source_row, edited = result.image_arrays
-        record["edits"].append(
-            {
-                "kind": kind,
-                "target": target,
-                "setting": setting,
-                "local_blend": blend,
-                **judged(edited, kind, changed, other),
-                "outside_psnr": outside_psnr(edited, source_row, rendered.masks[0]),
-                "outside_both_psnr": outside_psnr(
-                    edited, source_row, rendered.masks[0] | edited_object_mask(edited, changed, other)
-                ),
-                "reconstruction_psnr": float(peak_signal_noise_ratio(rendered.image, source_row, data_range=255)),
-                "edit_s": time.perf_counter() - start,
-            }
-        )
-        progress.update()
+    for kind in EDITS:
+        for setting, blend in itertools.product(settings[kind], blends):
+            target, extra, changed = edit_of(scene, kind)
+            extra = dict(extra)
+            if "reweight" in extra:
+                extra["reweight"] = {"large": setting["reweight_scale"]}
+            if blend:
+                extra.update(
+                    local_blend=[first.shape, changed.shape],
+                    blend_resolution=setting.get("blend_resolution"),
+                    blend_threshold=setting.get("blend_threshold", 0.3),
+                )
+            start = time.perf_counter()
+            result = lab.prompt_to_prompt(
+                pipe,
+                prompt,
+                target,
+                inversion=inv,
+                cross_steps=setting["cross_steps"],
+                self_steps=setting["self_steps"],
+                progress=False,
+                **extra,
+            )
+            source_row, edited = result.image_arrays
+            record["edits"].append(
+                {
+                    "kind": kind,
+                    "target": target,
+                    "setting": setting,
+                    "local_blend": blend,
+                    **judged(edited, kind, changed, other),
+                    "outside_psnr": outside_psnr(edited, source_row, rendered.masks[0]),
+                    "outside_both_psnr": outside_psnr(
+                        edited, source_row, rendered.masks[0] | edited_object_mask(edited, changed, other)
+                    ),
+                    "reconstruction_psnr": float(peak_signal_noise_ratio(rendered.image, source_row, data_range=255)),
+                    "edit_s": time.perf_counter() - start,
+                }
+            )
+            progress.update()
     return record
 
 
@@ -205,6 +226,13 @@ def summarise(records: list[dict]) -> list[dict]:
     return rows
 
 
+def blend_text(blend: bool, setting: dict) -> str:
+    if not blend:
+        return "no"
+    maps = setting.get("blend_resolution") or "auto (8x8)"
+    return f"yes ({maps}, {setting.get('blend_threshold', 0.3)})"
+
+
 def write_markdown(results: dict, path: Path) -> None:
     meta = results["meta"]
     lines = [
@@ -215,14 +243,14 @@ def write_markdown(results: dict, path: Path) -> None:
         f"{meta['threads']} thread(s), load {meta['load_start']} -> {meta['load_end']}, {meta['wall_s'] / 60:.1f} min.",
         f"Mean reconstruction PSNR of the source rows {meta['reconstruction_psnr']:.1f} dB; inversion {meta['invert_s']:.1f} s per image.",
         "",
-        "| edit | cross / self steps | reweight | LocalBlend | n | asked change | other object kept | PSNR outside (dB) | >= 30 dB | outside old and new object (dB) | s / edit |",
+        "| edit | cross / self steps | reweight | LocalBlend (maps, threshold) | n | asked change | other object kept | PSNR outside (dB) | >= 30 dB | outside old and new object (dB) | s / edit |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["summary"]:
         s = r["setting"]
         lines.append(
-            f"| {r['kind']} | {s['cross_steps']} / {s['self_steps']} | {s['reweight_scale'] if r['kind'] == 'large' else '-'} | "
-            f"{'yes' if r['local_blend'] else 'no'} | {r['n']} | {r['asked']:.0%} [{r['asked_ci'][0]:.0%}, {r['asked_ci'][1]:.0%}] | "
+            f"| {r['kind']} | {s['cross_steps']} / {s['self_steps']} | {s.get('reweight_scale', '-')} | "
+            f"{blend_text(r['local_blend'], s)} | {r['n']} | {r['asked']:.0%} [{r['asked_ci'][0]:.0%}, {r['asked_ci'][1]:.0%}] | "
             f"{r['other_kept']:.0%} [{r['other_kept_ci'][0]:.0%}, {r['other_kept_ci'][1]:.0%}] | {r['outside_psnr']:.1f} | "
             f"{r['outside_psnr_at_least_30']:.0%} | {r['outside_both_psnr']:.1f} | {r['edit_s']:.1f} |"
         )
@@ -238,11 +266,18 @@ def write_markdown(results: dict, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--split", choices=tuple(SEEDS), required=True)
-    p.add_argument("--scenes", type=int, default=None, help="scenes (default: 12 validation, 24 test)")
+    p.add_argument("--scenes", type=int, default=None, help="scenes (default: 8 validation, 24 test)")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25: both splits fit a CPU session)")
-    p.add_argument("--cross-steps", type=float, default=0.8, help="test split: the setting chosen on validation")
-    p.add_argument("--self-steps", type=float, default=0.4)
-    p.add_argument("--reweight-scale", type=float, default=2.0)
+    p.add_argument(
+        "--settings",
+        type=json.loads,
+        default=None,
+        help='JSON {edit kind: setting or [settings]} (default: the validation grid), e.g. \'{"shape": '
+        '{"cross_steps": 0.4, "self_steps": 0.4, "blend_resolution": 16, "blend_threshold": 0.5}, ...}\'',
+    )
+    p.add_argument("--blend-only", action="store_true", help="only the runs with LocalBlend")
+    p.add_argument("--tag", default="", help="suffix of the results files' names")
+    p.add_argument("--cache", type=Path, default=Path("/tmp/sdlab-p2p-inversions"), help="inversions kept here")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--quick", action="store_true", help="1 scene, 10 steps, to /tmp/sdlab-p2p")
@@ -251,23 +286,19 @@ def main() -> None:
     if args.quick:
         args.scenes, args.steps, args.out = 1, 10, Path("/tmp/sdlab-p2p")
     scenes = args.scenes or (8 if args.split == "validation" else 24)
-    if args.split == "validation":
-        settings = [dict(zip(GRID, values)) for values in itertools.product(*GRID.values())]
-    else:
-        settings = [
-            {"cross_steps": args.cross_steps, "self_steps": args.self_steps, "reweight_scale": args.reweight_scale}
-        ]
+    settings = args.settings or GRID
+    settings = {kind: [value] if isinstance(value, dict) else list(value) for kind, value in settings.items()}
+    blends = (True,) if args.blend_only else (True, False)
     pipe = lab.load_pipeline()
     pipe.set_progress_bar_config(disable=True)
     from tqdm.auto import tqdm
 
-    first_scale = [s for s in settings if s["reweight_scale"] == settings[0]["reweight_scale"]]
-    per_scene = 2 * sum(len(settings) if kind == "large" else len(first_scale) for kind in EDITS)
+    per_scene = len(blends) * sum(len(v) for v in settings.values())
     load_start, start = os.getloadavg(), time.perf_counter()
     records = []
     with tqdm(total=scenes * per_scene, desc=f"P2P {args.split}") as progress:
         for k in range(scenes):
-            records.append(run_scene(pipe, SEEDS[args.split] + k, args.steps, settings, progress))
+            records.append(run_scene(pipe, SEEDS[args.split] + k, args.steps, settings, blends, progress, args.cache))
     edits = [e for r in records for e in r["edits"]]
     results = {
         "meta": {
@@ -289,9 +320,10 @@ def main() -> None:
         "scenes": records,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"p2p_edits_{args.split}.json").write_text(json.dumps(results, indent=1))
-    write_markdown(results, args.out / f"p2p_edits_{args.split}.md")
-    print((args.out / f"p2p_edits_{args.split}.md").read_text())
+    name = f"p2p_edits_{args.split}{args.tag}"
+    (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    write_markdown(results, args.out / f"{name}.md")
+    print((args.out / f"{name}.md").read_text())
 
 
 if __name__ == "__main__":

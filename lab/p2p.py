@@ -267,6 +267,7 @@ def prompt_to_prompt(
     local_blend=None,
     blend_threshold=0.3,
     blend_start: float = 0.2,
+    blend_resolution: int | None = None,
     self_max_fraction: float = 0.5,
     inversion=None,
     progress: bool = True,
@@ -285,6 +286,8 @@ def prompt_to_prompt(
                        the union of their maps (a word only one prompt has counts for that one)
     blend_threshold    th: a float, or (source's, target's); default 0.3
     blend_start        fraction of the steps before the first blend (the null-text notebook's 0.2)
+    blend_resolution   side of the cross-attention maps LocalBlend reads (None: the down/up maps closest to the
+                       latent's side / 4, the reference's 16 of 64)
     self_max_fraction  self-attention is injected at maps of at most this fraction of the latent's side
     inversion          a lab.inversion.Inversion: edit that real image (see the module docstring)
     pipe_kwargs        go to pipe(...): generator, num_inference_steps, guidance_scale, height, width, negative_prompt,
@@ -314,7 +317,7 @@ def prompt_to_prompt(
                 raise ValueError(f"none of the blend words {blend_words} is in {source_prompt!r} or {target!r}")
     height, width = _size(pipe, pipe_kwargs, inversion)
     latent_size = (height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    blend_sites = _blend_sites(pipe, latent_size) if blend_words else []
+    blend_sites = _blend_sites(pipe, latent_size, blend_resolution) if blend_words else []
     prompts = [source_prompt, *targets]
     n = len(prompts)
 
@@ -383,6 +386,7 @@ def prompt_to_prompt(
         "local_blend": blend_words,
         "blend_threshold": list(thresholds) if thresholds else None,
         "blend_start": blend_start,
+        "blend_resolution": blend_resolution,
         "blend_sites": [site.name for site in blend_sites],
         "num_inference_steps": num_steps,
         "inversion": None if inversion is None else inversion.method,
@@ -579,13 +583,21 @@ def _thresholds(value) -> tuple[float, float]:
     return float(pair[0]), float(pair[1])
 
 
-def _blend_sites(pipe, latent_size) -> list:
-    """The down and up cross-attention sites whose maps are closest to the latent's side / 4 (ties: finer)."""
+def _blend_sites(pipe, latent_size, resolution) -> list:
+    """The down and up cross-attention sites whose maps have the side `resolution`, or by default those closest to
+    the latent's side / 4 (ties: finer)."""
     candidates = [site for site in hooks.sites(pipe.unet) if site.kind == "cross" and site.place != "mid"]
     if not candidates:
         raise ValueError("this UNet has no cross-attention in its down or up blocks: LocalBlend cannot read maps")
-    goal = max(latent_size) / 4
     side = {site: max(site.spatial_size(latent_size)) for site in candidates}
+    if resolution is not None:
+        if resolution not in side.values():
+            raise ValueError(
+                f"blend_resolution={resolution!r}: at this image size the down/up cross-attention maps have sides "
+                f"{sorted(set(side.values()))}"
+            )
+        return [site for site in candidates if side[site] == resolution]
+    goal = max(latent_size) / 4
     best = min(side.values(), key=lambda s: (abs(s - goal), -s))
     return [site for site in candidates if side[site] == best]
 
