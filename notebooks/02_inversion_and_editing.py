@@ -242,6 +242,7 @@ display(Markdown("\n".join(lines)))
 # approximation already costs 2.6 dB at $w = 1$, and null-text cannot do better than the path it tracks;
 # negative-prompt 30.0 dB, exactly DDIM at $w = 1$, for the cost of one pass instead of null-text's ~20; DDIM
 # at $w = 5$ 15.5 dB.
+#
 # ## 6. Prompt-to-Prompt on a generated image
 #
 # P2P runs the source prompt and the edited prompt as one batch from the same $x_T$. In the edited row, at
