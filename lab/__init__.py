@@ -15,7 +15,7 @@ edits), lab.diffusion (schedules, DDIM steps, guidance, VAE and prompt encoding)
 
 __version__ = "0.1.0"
 
-from lab import daam, diffusion, dift, heatmap, hooks, inversion, ovam, p2p, results, tokens, weights
+from lab import daam, diffusion, dift, heatmap, hooks, inversion, ovam, p2p, results, tokens, uce, weights
 
 # The types imported below outside __all__ (Capture, Site, AttributionRun, ...) have been reachable as
 # lab.<Name> since before __all__ existed; their home is the module they come from.
@@ -82,6 +82,7 @@ __all__ = [
     "weights",
     "inversion",
     "p2p",
+    "uce",
 ]
 
 _LAZY_MODULES = ("testing",)
