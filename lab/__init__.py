@@ -15,7 +15,7 @@ edits), lab.diffusion (schedules, DDIM steps, guidance, VAE and prompt encoding)
 
 __version__ = "0.1.0"
 
-from lab import daam, diffusion, dift, heatmap, hooks, inversion, ovam, p2p, results, tokens, uce, weights
+from lab import daam, diffusion, dift, esd, heatmap, hooks, inversion, ovam, p2p, results, sliders, tokens, uce, weights
 
 # The types imported below outside __all__ (Capture, Site, AttributionRun, ...) have been reachable as
 # lab.<Name> since before __all__ existed; their home is the module they come from.
@@ -83,6 +83,8 @@ __all__ = [
     "inversion",
     "p2p",
     "uce",
+    "esd",
+    "sliders",
 ]
 
 _LAZY_MODULES = ("testing",)
