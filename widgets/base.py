@@ -328,3 +328,49 @@ class LabWidget(anywidget.AnyWidget):
         data, metadata = bundle if isinstance(bundle, tuple) else (bundle, {})
         figure = static_figure(picture, self.static_caption(), note=self.static_note, css_class=self.static_css_class)
         return {**data, "text/html": figure}, metadata
+
+
+# -- pictures and progress shared by the technique widgets -------------------------------------------------
+
+
+@contextlib.contextmanager
+def progress_bars_off(pipe):
+    """The pipeline's own tqdm bars off while a widget runs it (the widget's bar replaces them), then as they were."""
+    saved = dict(getattr(pipe, "_progress_bar_config", {}) or {})
+    pipe.set_progress_bar_config(**{**saved, "disable": True})
+    try:
+        yield
+    finally:
+        pipe.set_progress_bar_config(**saved)
+
+
+def label_font(size: int):
+    """matplotlib's DejaVu Sans (PIL's default font has no "−", "→" or "“”"), else PIL's default."""
+    from matplotlib import font_manager
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
+    except OSError:
+        return ImageFont.load_default()
+
+
+def coloured(heat: np.ndarray, table: np.ndarray) -> Image.Image:
+    """uint8 heat indices through a colormap table (256, 3) -> an RGB image."""
+    return Image.fromarray(np.clip(table[heat] + 0.5, 0, 255).astype(np.uint8))
+
+
+def labelled_strip(tiles: list[tuple[str, Image.Image]], width: int, height: int) -> Image.Image:
+    """Tiles side by side, each resized (nearest) to width x height under its label, shortened to fit."""
+    from PIL import ImageDraw
+
+    gap, band = 6, 15
+    picture = Image.new("RGB", (len(tiles) * (width + gap) - gap, height + band), (255, 255, 255))
+    draw, font = ImageDraw.Draw(picture), label_font(11)
+    for index, (label, tile) in enumerate(tiles):
+        x = index * (width + gap)
+        picture.paste(tile.resize((width, height), Image.NEAREST), (x, band))
+        while len(label) > 4 and draw.textlength(label, font=font) > width:
+            label = label[:-2] + "…"
+        draw.text((x, 1), label, fill=(60, 60, 60), font=font)
+    return picture

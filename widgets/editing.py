@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import traitlets
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from widgets.base import (
     COLORMAPS,
@@ -47,10 +47,13 @@ from widgets.base import (
     LabWidget,
     Unanswerable,
     colormap_tables,
+    coloured,
     css,
     esm,
     heat_bytes,
+    labelled_strip,
     png_bytes,
+    progress_bars_off,
 )
 from widgets.editing_parts import (
     EditSpec,
@@ -61,7 +64,6 @@ from widgets.editing_parts import (
     run_prompt_to_prompt,
     suggest_edit,
 )
-from widgets.guidance import _coloured, _font, _progress_bars_off
 
 __all__ = ["EditingExplorer", "EditingResult", "METHODS", "EDITS", "suggest_edit", "psnr"]
 
@@ -379,7 +381,7 @@ class EditingExplorer(LabWidget):
         try:
             with (
                 self.working("inverting…" if invert else "editing…", failure=failure) as progress,
-                _progress_bars_off(self.pipe),
+                progress_bars_off(self.pipe),
                 UNetCalls(self.pipe, progress, total),
             ):
                 entry = self._inversion_of(spec.inversion)
@@ -528,7 +530,7 @@ class EditingExplorer(LabWidget):
             ("reconstruction", Image.open(io.BytesIO(self.reconstruction_png)).convert("RGB")),
             ("P2P source row", Image.open(io.BytesIO(self.edit_source_png)).convert("RGB")),
             ("edit", edited),
-            ("|edit − source|", _coloured(np.frombuffer(self.edit_difference, np.uint8).reshape(height, width), table)),
+            ("|edit − source|", coloured(np.frombuffer(self.edit_difference, np.uint8).reshape(height, width), table)),
         ]
         if self.mask_frames:
             w, h = self.mask_size
@@ -537,16 +539,7 @@ class EditingExplorer(LabWidget):
             base = np.asarray(edited, dtype=np.float32)
             view = np.where(inside, (1 - self.opacity) * base + self.opacity * table[-1], base * 0.45)
             tiles.append((f"LocalBlend mask, step {self.step}", Image.fromarray(view.astype(np.uint8))))
-        gap, band = 6, 15
-        picture = Image.new("RGB", (len(tiles) * (size + gap) - gap, tall + band), (255, 255, 255))
-        draw, font = ImageDraw.Draw(picture), _font(11)
-        for index, (label, tile) in enumerate(tiles):
-            x = index * (size + gap)
-            picture.paste(tile.resize((size, tall), Image.NEAREST), (x, band))
-            while len(label) > 4 and draw.textlength(label, font=font) > size:
-                label = label[:-2] + "…"
-            draw.text((x, 1), label, fill=(60, 60, 60), font=font)
-        return picture
+        return labelled_strip(tiles, size, tall)
 
     def static_picture(self) -> Image.Image | None:
         return self.snapshot(128) if self.edited_png else None

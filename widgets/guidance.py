@@ -48,7 +48,6 @@ line; every hook is removed whatever happens (`lab.active_hooks(pipe) == []`).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 import time
@@ -59,7 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 import traitlets
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from widgets.base import (
     COLORMAPS,
@@ -68,10 +67,13 @@ from widgets.base import (
     Unanswerable,
     as_numpy,
     colormap_tables,
+    coloured,
     css,
     esm,
     heat_bytes,
+    labelled_strip,
     png_bytes,
+    progress_bars_off,
 )
 
 __all__ = ["GuidanceExplorer", "GuidanceResult", "METHODS", "DEFAULT_PROMPT", "freeu_values", "default_subjects"]
@@ -175,17 +177,6 @@ class _Steps:
         self.done += 1
         self.progress(self.done, self.total)
         return {}
-
-
-@contextlib.contextmanager
-def _progress_bars_off(pipe):
-    """The pipeline's own tqdm bars off while the widget runs it (its bar replaces them), then as they were."""
-    saved = dict(getattr(pipe, "_progress_bar_config", {}) or {})
-    pipe.set_progress_bar_config(**{**saved, "disable": True})
-    try:
-        yield
-    finally:
-        pipe.set_progress_bar_config(**saved)
 
 
 class GuidanceExplorer(LabWidget):
@@ -419,7 +410,7 @@ class GuidanceExplorer(LabWidget):
         try:
             with (
                 self.working(f"{label}…", failure=f"{label} failed") as progress,
-                _progress_bars_off(self.pipe),
+                progress_bars_off(self.pipe),
             ):
                 started = time.perf_counter()
                 steps = _Steps(progress, total)
@@ -906,7 +897,7 @@ class GuidanceExplorer(LabWidget):
         tiles = [
             ("plain", Image.open(io.BytesIO(self.plain_png)).convert("RGB")),
             ("guided", Image.fromarray(guided.astype(np.uint8))),
-            ("difference", _coloured(np.frombuffer(self.difference, np.uint8).reshape(height, width), table)),
+            ("difference", coloured(np.frombuffer(self.difference, np.uint8).reshape(height, width), table)),
         ]
         for panel in self.overlay_panels:
             if panel.get("group", "") not in ("", self.group) or not panel["frames"]:
@@ -923,16 +914,7 @@ class GuidanceExplorer(LabWidget):
             else:
                 view = table[up.astype(np.uint8)]
             tiles.append((panel["label"], Image.fromarray(np.clip(view + 0.5, 0, 255).astype(np.uint8))))
-        gap, band = 6, 15
-        picture = Image.new("RGB", (len(tiles) * (size + gap) - gap, tall + band), (255, 255, 255))
-        draw, font = ImageDraw.Draw(picture), _font(11)
-        for index, (label, tile) in enumerate(tiles):
-            x = index * (size + gap)
-            picture.paste(tile.resize((size, tall), Image.NEAREST), (x, band))
-            while len(label) > 4 and draw.textlength(label, font=font) > size:
-                label = label[:-2] + "…"
-            draw.text((x, 1), label, fill=(60, 60, 60), font=font)
-        return picture
+        return labelled_strip(tiles, size, tall)
 
     def static_picture(self) -> Image.Image | None:
         return self.snapshot(160) if self.guided_png else None
@@ -1023,18 +1005,3 @@ def _freeu_readings(rows: list[dict]) -> dict:
         "backbone_mean_abs": torch.tensor([[float(b.abs().mean()), float(a.abs().mean())] for b, a in backbone]),
         "skip_low_frequency_share": torch.tensor([[_low_frequency_share(b), _low_frequency_share(a)] for b, a in skip]),
     }
-
-
-def _font(size: int):
-    """matplotlib's DejaVu Sans (PIL's default font has no "−", "→" or "“”"), else PIL's default."""
-    from matplotlib import font_manager
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
-    except OSError:
-        return ImageFont.load_default()
-
-
-def _coloured(heat: np.ndarray, table: np.ndarray) -> Image.Image:
-    return Image.fromarray(np.clip(table[heat] + 0.5, 0, 255).astype(np.uint8))
