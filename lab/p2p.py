@@ -290,6 +290,8 @@ def prompt_to_prompt(
                        latent's side / 4, the reference's 16 of 64)
     self_max_fraction  self-attention is injected at maps of at most this fraction of the latent's side
     inversion          a lab.inversion.Inversion: edit that real image (see the module docstring)
+    progress           EDICT's coupled steps show a tqdm bar; the pipeline's own loop shows its bar as
+                       pipe.set_progress_bar_config says
     pipe_kwargs        go to pipe(...): generator, num_inference_steps, guidance_scale, height, width, negative_prompt,
                        ... (with inversion=, the steps and guidance are the inversion's)
     """
