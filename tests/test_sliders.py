@@ -121,3 +121,27 @@ def test_bad_input_is_refused_and_changes_nothing(sd1, sdxl, slider, tmp_path):
     with pytest.raises(ValueError, match="does not fit this UNet"):
         lab.sliders.apply(sdxl, [folder], scales=[1.0])
     assert differences(sdxl, before) == [] and not hasattr(sdxl.unet, "peft_config")
+
+
+@pytest.mark.parametrize("name", ["sd2", "sdxl"])
+def test_sd2_and_sdxl_train_apply_save_and_load_in_plain_diffusers(name, request, restored, tmp_path):
+    pipe = request.getfixturevalue(name)
+    before, check, base = state(pipe), restored(pipe), generate(pipe, "a star")
+    slider = lab.sliders.train(pipe, target="", positive="large", negative="small", **FAST)
+    folder = slider.save(tmp_path / name)
+    with lab.sliders.apply(pipe, [folder], scales=[0.0]):
+        assert torch.equal(generate(pipe, "a star"), base)
+    with lab.sliders.apply(pipe, [folder], scales=[2.0]):
+        ours = generate(pipe, "a star")
+    assert not torch.equal(ours, base)
+    flags = {n: p.requires_grad for n, p in pipe.unet.named_parameters()}
+    pipe.load_lora_weights(str(folder), adapter_name="plain")
+    try:
+        pipe.set_adapters(["plain"], adapter_weights=[2.0])
+        assert torch.equal(generate(pipe, "a star"), ours)
+    finally:
+        pipe.unload_lora_weights()
+        for n, p in pipe.unet.named_parameters():
+            p.requires_grad_(flags[n])
+    assert differences(pipe, before) == [] and not hasattr(pipe.unet, "peft_config")
+    check()
