@@ -15,7 +15,23 @@ edits), lab.diffusion (schedules, DDIM steps, guidance, VAE and prompt encoding)
 
 __version__ = "0.1.0"
 
-from lab import daam, diffusion, dift, esd, heatmap, hooks, inversion, ovam, p2p, results, sliders, tokens, uce, weights
+from lab import (
+    daam,
+    diffusion,
+    dift,
+    esd,
+    heatmap,
+    hooks,
+    inversion,
+    ovam,
+    p2p,
+    results,
+    sliders,
+    tokens,
+    uce,
+    uce_debias,
+    weights,
+)
 
 # The types imported below outside __all__ (Capture, Site, AttributionRun, ...) have been reachable as
 # lab.<Name> since before __all__ existed; their home is the module they come from.
@@ -83,6 +99,7 @@ __all__ = [
     "inversion",
     "p2p",
     "uce",
+    "uce_debias",
     "esd",
     "sliders",
 ]

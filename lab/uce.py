@@ -54,10 +54,8 @@ guide's, and "star</w>" (position 3) only 30 %; with the five other shapes prese
 down_blocks.0's to_v). The end and padding tokens, which have read the whole prompt, do not move.
 
 Debiasing (the paper's edit that moderates an attribute's proportion, e.g. gender across professions) is
-not here. For fixed attribute weights α it is this same closed form with v*_i = W_old (c_i + Σ_a α_ia c_a),
-but the paper (and trainscripts/uce_sd_debias.py) finds α by a loop: generate images, classify them with
-CLIP, nudge α toward the wanted proportions, solve again, up to 30 rounds. That is a generate-and-classify
-search around the closed form, not a closed form, and it needs an attribute classifier: its own file.
+lab.uce_debias: for fixed attribute weights α it is this same closed form (`rewrite`) with guide vectors
+c_i + Σ_a α_ia c_a; the paper finds α by a generate-and-classify loop around it.
 
 Input is checked before anything changes: concepts must be non-empty strings (the guide may be ""),
 without duplicates or overlap between erase and preserve, within the text encoder's 75 content tokens;
@@ -78,7 +76,7 @@ from lab import diffusion
 from lab.hooks.sites import sites
 from lab.weights import WeightEdit
 
-__all__ = ["erase", "Erasure", "Token", "concept_embeddings", "layer_names"]
+__all__ = ["erase", "Erasure", "Token", "concept_embeddings", "layer_names", "rewrite"]
 
 
 def erase(
@@ -115,19 +113,10 @@ def erase(
     C_E = torch.stack([embeddings[c] for c in concepts], dim=1)  # (d, n_erase), float64
     C_G = torch.stack([embeddings[g] for g in guides], dim=1)
     C_P = torch.stack([embeddings[c] for c in preserve], dim=1) if preserve else C_E[:, :0]
-    d = C_E.shape[0]
-    M = lam * torch.eye(d, dtype=C_E.dtype) + erase_scale * C_E @ C_E.T + preserve_scale * C_P @ C_P.T
-    K = erase_scale * torch.linalg.solve(M, C_E).T  # (n_erase, d): s_E C_Eᵀ M⁻¹, M symmetric
 
     edit = Erasure(pipe, names, persistent=persistent, offload=offload)
     try:
-        with torch.no_grad():
-            for W in edit.parameters.values():
-                work = _work_dtype(W.device)
-                W_old = W.detach().to(work)
-                V_star = W_old @ C_G.to(W.device, work)  # the guides' old outputs, (out, n_erase)
-                W_new = W_old + (V_star - W_old @ C_E.to(W.device, work)) @ K.to(W.device, work)
-                W.copy_(W_new.to(W.dtype))
+        rewrite(edit.parameters, C_E, C_G, C_P, lam, erase_scale, preserve_scale)
     except BaseException:
         edit.restore()
         raise
@@ -135,6 +124,22 @@ def erase(
     edit.lam, edit.erase_scale, edit.preserve_scale = lam, erase_scale, preserve_scale
     edit.seconds = time.perf_counter() - started
     return edit
+
+
+def rewrite(weights: dict, C_E, C_G, C_P, lam: float, erase_scale: float, preserve_scale: float, originals=None):
+    """Write the closed form into `weights` ({name: to_k / to_v weight}), in place, from `originals` (W_old;
+    default the weights as they are). C_E, C_G, C_P: erase, guide and preserve embeddings as columns (d, n).
+    A guide column may be any vector: debiasing (lab.uce_debias) passes c_i + Σ_a α_a c_a."""
+    d = C_E.shape[0]
+    M = lam * torch.eye(d, dtype=C_E.dtype) + erase_scale * C_E @ C_E.T + preserve_scale * C_P @ C_P.T
+    K = erase_scale * torch.linalg.solve(M, C_E).T  # (n_erase, d): s_E C_Eᵀ M⁻¹, M symmetric
+    with torch.no_grad():
+        for name, W in weights.items():
+            work = _work_dtype(W.device)
+            W_old = (W if originals is None else originals[name]).detach().to(W.device, work)
+            V_star = W_old @ C_G.to(W.device, work)  # the guides' old outputs, (out, n_erase)
+            W_new = W_old + (V_star - W_old @ C_E.to(W.device, work)) @ K.to(W.device, work)
+            W.copy_(W_new.to(W.dtype))
 
 
 class Erasure(WeightEdit):
