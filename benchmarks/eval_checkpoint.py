@@ -18,16 +18,12 @@ from safetensors.torch import load_file
 
 from lab.tinyworld import model as tw_model
 from lab.tinyworld.evaluate import evaluate_model, prompt_split
-from lab.tinyworld.train import assemble_pipeline, load_trained_vae
+from lab.tinyworld.train import assemble_pipeline, load_trained_vae, unet_checkpoint
 
 
 def checkpoint_pipeline(out: Path, prediction_type: str = "v_prediction") -> tuple[StableDiffusionPipeline, int]:
-    checkpoint = out / "unet_ckpt"
-    step = json.loads((checkpoint / "state.json").read_text())["step"]
+    step, unet, text_encoder = unet_checkpoint(out)  # the EMA weights
     scaling = float(load_file(str(out / "latents.safetensors"))["scaling_factor"])
-    unet, text_encoder = tw_model.make_unet(), tw_model.make_text_encoder()
-    unet.load_state_dict(load_file(str(checkpoint / "unet_ema.safetensors")))
-    text_encoder.load_state_dict(load_file(str(checkpoint / "text_encoder_ema.safetensors")))
     scheduler = tw_model.make_scheduler(prediction_type, zero_terminal_snr=prediction_type == "v_prediction")
     pipe = assemble_pipeline(load_trained_vae(out), unet, text_encoder, scaling, scheduler)
     pipe.set_progress_bar_config(disable=True)

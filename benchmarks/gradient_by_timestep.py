@@ -40,10 +40,7 @@ def main() -> None:
     )
     zero_terminal_snr = trained_with.get("zero_terminal_snr", str(prediction == "v_prediction")) == "True"
     scheduler = tw_model.make_scheduler(prediction, zero_terminal_snr=zero_terminal_snr)
-    unet, text_encoder = tw_model.make_unet(), tw_model.make_text_encoder()
-    unet.load_state_dict(load_file(str(args.out / "unet_ckpt" / "unet.safetensors")))
-    text_encoder.load_state_dict(load_file(str(args.out / "unet_ckpt" / "text_encoder.safetensors")))
-    step = json.loads((args.out / "unet_ckpt" / "state.json").read_text())["step"]
+    step, unet, text_encoder = train.unet_checkpoint(args.out, ema=False)
     cached = load_file(str(args.out / "latents.safetensors"))
     latents, scaling = cached["latents"], cached["scaling_factor"].item()
     config = json.loads((args.out / "data_config.json").read_text())

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from lab.tinyworld import model as tw_model
+from lab.tinyworld.train import unet_checkpoint
 from lab.tinyworld.world import COLORS, RELATIONS, SHAPES
 
 
@@ -30,12 +31,10 @@ def load_text_encoder(source: str):
 
         return CLIPTextModel.from_pretrained(str(path), subfolder="text_encoder")
     if path.is_dir():
-        candidates = [
-            path / "unet_final" / "text_encoder_ema.safetensors",
-            path / "unet_ckpt" / "text_encoder_ema.safetensors",
-        ]
-        path = next((c for c in candidates if c.exists()), None)
-        if path is None:
+        if not (path / "unet_final").exists() and (path / "unet_ckpt").exists():
+            return unet_checkpoint(path)[2]  # the checkpoint's EMA weights
+        path = path / "unet_final" / "text_encoder_ema.safetensors"
+        if not path.exists():
             raise SystemExit(
                 f"{source}: no text encoder found (a pipeline folder, a training folder or a .safetensors file)"
             )

@@ -1,7 +1,9 @@
 """The training command (`sdlab tinyworld train`) on a toy budget: every stage runs, the export is a
 plain Stable Diffusion folder, re-running resumes instead of retraining, and checkpoints restore."""
 
+import copy
 import json
+import math
 
 import numpy as np
 import pytest
@@ -61,37 +63,109 @@ def test_training_runs_every_stage_and_exports_a_pipeline(tmp_path):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_a_checkpoint_restores_weights_optimizer_and_step(tmp_path):
+def _toy_unet_run(out, scenes, masks, latents, **kwargs):
+    """Six UNet steps of batch 4, the text encoder trained jointly (both EMAs), grounding and object weights on."""
+    options = dict(steps=6, batch=4, lr=1e-3, seed=0, device="cpu", layout_weight=1.0, masks=masks)
+    options |= dict(grounding_weight=0.1, object_weight=2.0, checkpoint_every=3)
+    train.train_unet(out, latents, 1.0, scenes, **(options | kwargs))
+    return json.loads((out / "unet_final" / "state.json").read_text()), {
+        name: load_file(str(out / "unet_final" / f"{name}_ema.safetensors")) for name in ("unet", "text_encoder")
+    }
+
+
+def test_a_resumed_unet_stage_continues_bit_for_bit_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    _, scenes, masks = train.make_data(tmp_path, 16, workers=1)
+    latents = torch.randn(16, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    whole, whole_weights = _toy_unet_run(tmp_path / "whole", scenes, masks, latents)
+
+    # The same run, stopped during step 4 (after its checkpoint at step 3), then the same call again.
+    calls, denoising_loss = [], train.denoising_loss
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return denoising_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "denoising_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _toy_unet_run(tmp_path / "resumed", scenes, masks, latents)
+    monkeypatch.undo()
+    step, unet, text_encoder = train.unet_checkpoint(tmp_path / "resumed")  # what the benchmarks read mid-run
+    assert step == 3
+    _, raw_unet, _ = train.unet_checkpoint(tmp_path / "resumed", ema=False)
+    assert any(not torch.equal(a, b) for a, b in zip(unet.parameters(), raw_unet.parameters()))
+    assert {f.name for f in (tmp_path / "resumed" / "unet_ckpt").iterdir()} >= {
+        "model.safetensors",  # the UNet
+        "model_1.safetensors",  # the text encoder, trained jointly here
+        "optimizer.bin",
+        "scheduler.bin",
+        "custom_checkpoint_0.pkl",  # step, losses, seconds
+        "custom_checkpoint_1.pkl",  # the UNet's EMAModel
+        "custom_checkpoint_2.pkl",  # the text encoder's
+    }
+    resumed, resumed_weights = _toy_unet_run(tmp_path / "resumed", scenes, masks, latents)
+
+    assert resumed["losses"] == whole["losses"] and len(whole["losses"]) == 6
+    assert resumed["grounding_losses"] == whole["grounding_losses"]
+    for name, tensors in whole_weights.items():
+        assert tensors.keys() == resumed_weights[name].keys()
+        assert all(torch.equal(tensors[k], resumed_weights[name][k]) for k in tensors), name
+
+
+def test_a_resumed_vae_stage_continues_bit_for_bit(tmp_path, monkeypatch):
+    images, _, masks = train.make_data(tmp_path, 16, workers=1)
+    options = dict(steps=4, batch=4, lr=1e-3, seed=0, device="cpu", masks=masks, object_weight=4.0)
+    (tmp_path / "whole").mkdir()
+    torch.manual_seed(0)  # the VAE's initialisation draws from the global generator (main seeds it earlier)
+    whole = train.train_vae(tmp_path / "whole", images, **options, checkpoint_every=2).state_dict()
+    calls, reconstruction_loss = [], train.reconstruction_loss
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return reconstruction_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "reconstruction_loss", interrupted)
+    (tmp_path / "resumed").mkdir()
     torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model(torch.randn(2, 4)).sum().backward()
-    optimizer.step()
-    train._save_ckpt(tmp_path, "unet", 7, {"model": model}, optimizer, [0.5, 0.25])
-
-    restored = torch.nn.Linear(4, 3)
-    restored_optimizer = torch.optim.AdamW(restored.parameters(), lr=0.1)
-    step, losses = train._load_ckpt(tmp_path, "unet", {"model": restored}, restored_optimizer)
-    assert step == 7 and losses == [0.5, 0.25]
-    # One more identical step on both: a resumed run continues exactly where it stopped.
-    x = torch.randn(2, 4)
-    for m, opt in ((model, optimizer), (restored, restored_optimizer)):
-        opt.zero_grad()
-        m(x).sum().backward()
-        opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), restored.parameters()))
+    with pytest.raises(KeyboardInterrupt):
+        train.train_vae(tmp_path / "resumed", images, **options, checkpoint_every=2)
+    monkeypatch.undo()
+    torch.manual_seed(123)  # another process: the VAE's fresh initialisation is replaced by the checkpoint
+    resumed = train.train_vae(tmp_path / "resumed", images, **options, checkpoint_every=2).state_dict()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert json.loads((tmp_path / "resumed" / "vae_losses.json").read_text()) == json.loads(
+        (tmp_path / "whole" / "vae_losses.json").read_text()
+    )
 
 
-def test_the_time_budget_counts_the_minutes_spent_before_a_resume(tmp_path):
+def test_the_time_budget_counts_the_minutes_spent_before_a_resume(tmp_path, monkeypatch):
+    import time
+
     _, scenes, _ = train.make_data(tmp_path, 8, workers=1)
     latents = torch.randn(8, 4, 16, 16)
-    unet, text_encoder = train.tw_model.make_unet(), train.tw_model.make_text_encoder()
-    optimizer = torch.optim.AdamW(list(unet.parameters()) + list(text_encoder.parameters()))
-    modules = {"unet": unet, "text_encoder": text_encoder}
-    train._save_ckpt(tmp_path, "unet", 5, modules, optimizer, [0.3] * 5)  # an earlier run stopped at step 5
-    for name, module in modules.items():
-        train.save_file(module.state_dict(), str(tmp_path / "unet_ckpt" / f"{name}_ema.safetensors"))
-    (tmp_path / "unet_ckpt" / "clock.json").write_text(json.dumps({"unet_seconds": 90.0}))
+
+    class Clock:  # time.time as train.py sees it: 90 s pass just before the checkpoint at step 5
+        offset = 0.0
+
+        def time(self):
+            return time.time() + self.offset
+
+    clock, save_checkpoint = Clock(), train._save_checkpoint
+
+    def checkpoint_then_stop(accelerator, folder):
+        clock.offset = 90.0
+        save_checkpoint(accelerator, folder)
+        raise KeyboardInterrupt  # an earlier run stopped at step 5, after 90 s
+
+    monkeypatch.setattr(train, "time", clock)
+    monkeypatch.setattr(train, "_save_checkpoint", checkpoint_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_unet(tmp_path, latents, 1.0, scenes, steps=10, batch=2, lr=1e-3, seed=0, device="cpu",
+                         checkpoint_every=5)  # fmt: skip
+    monkeypatch.undo()
 
     # 90 s were spent before; the budget is 60 s: the resumed run stops at once, at step 5.
     train.train_unet(tmp_path, latents, 1.0, scenes, steps=10, batch=2, lr=1e-3, seed=0, device="cpu", max_minutes=1.0)
@@ -99,21 +173,117 @@ def test_the_time_budget_counts_the_minutes_spent_before_a_resume(tmp_path):
     assert state["step"] == 5 and state["unet_seconds"] >= 90.0
 
 
-def test_no_checkpoint_means_a_fresh_start(tmp_path):
-    model = torch.nn.Linear(2, 2)
-    assert train._load_ckpt(tmp_path, "unet", {"model": model}, torch.optim.AdamW(model.parameters())) == (0, [])
+def test_no_checkpoint_means_a_fresh_start_and_an_old_format_one_a_clear_stop(tmp_path):
+    accelerator = train._accelerator("cpu")
+    assert train._load_checkpoint(accelerator, tmp_path / "unet_ckpt") is False
+    (tmp_path / "unet_ckpt").mkdir()
+    (tmp_path / "unet_ckpt" / "state.json").write_text(json.dumps({"step": 250, "losses": []}))  # before accelerate
+    with pytest.raises(SystemExit, match="cannot resume"):
+        train._load_checkpoint(accelerator, tmp_path / "unet_ckpt")
+
+
+def _learning_rates(steps: int, warmup: int, n: int, budget_s=None, spent=lambda step: 0.0) -> list[float]:
+    """The learning rate lr_schedule gives each of the first n optimizer steps (peak 1), stepped as in
+    training; `spent(step)` is the clock's reading when step's rate is set."""
+    now = {"s": spent(0)}
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = train.lr_schedule(opt, steps, warmup, budget_s, clock=lambda: now["s"])
+    rates = []
+    for step in range(n):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        now["s"] = spent(step + 1)
+        schedule.step()
+    return rates
 
 
 def test_learning_rate_warms_up_then_anneals_to_zero_at_the_steps_or_the_time_budget():
-    lr = train.learning_rate
-    assert lr(1.0, 0, 10_000) == pytest.approx(1 / 200) and lr(1.0, 99, 10_000) == pytest.approx(0.5, abs=0.01)
-    assert lr(1.0, 5_000, 10_000) == pytest.approx(0.5)  # no budget: a cosine over the planned steps
-    assert lr(1.0, 10_000, 10_000) == pytest.approx(0.0, abs=1e-12)
+    rates = _learning_rates(10_000, 200, 10_001)
+    assert rates[0] == pytest.approx(1 / 200) and rates[99] == pytest.approx(0.5, abs=0.01)
+    assert rates[5_000] == pytest.approx(0.5)  # no budget: a cosine over the planned steps
+    assert rates[10_000] == pytest.approx(0.0, abs=1e-12)
     # With a budget, whichever is further along sets the cosine: a run cut by time still ends annealed.
-    assert lr(1.0, 1_000, 100_000, spent_s=1_800, budget_s=3_600) == pytest.approx(0.5)
-    assert lr(1.0, 1_000, 100_000, spent_s=3_600, budget_s=3_600) == pytest.approx(0.0, abs=1e-12)
-    assert lr(1.0, 1_000, 100_000, spent_s=9_000, budget_s=3_600) == pytest.approx(0.0, abs=1e-12)
-    assert lr(1.0, 5_000, 10_000, spent_s=10, budget_s=3_600) == pytest.approx(0.5)  # steps ahead of the clock
+    budget = _learning_rates(100_000, 200, 1_001, budget_s=3_600, spent=lambda step: 1.8 * step)
+    assert budget[1_000] == pytest.approx(0.5)  # 1,800 s of 3,600
+    late = _learning_rates(100_000, 200, 1_001, budget_s=3_600, spent=lambda step: 9 * step)
+    assert late[400] == pytest.approx(0.0, abs=1e-12) and late[1_000] == pytest.approx(0.0, abs=1e-12)
+    ahead = _learning_rates(10_000, 200, 5_001, budget_s=3_600, spent=lambda step: 10.0)
+    assert ahead[5_000] == pytest.approx(0.5)  # steps ahead of the clock
+
+
+def _old_learning_rate(peak, step, steps, spent_s=0.0, budget_s=None, warmup=200):
+    """The trainer's learning_rate before it moved to a LambdaLR (git show bfc1dab:lab/tinyworld/train.py)."""
+    progress = step / steps
+    if budget_s:
+        progress = max(progress, spent_s / budget_s)
+    return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def test_the_lr_schedule_is_the_old_formula_step_by_step():
+    # The UNet (warm-up 200) and text (50) stages, with and without a time budget that runs out first.
+    for steps, warmup, budget_s, spent in (
+        (2_800, 200, None, lambda step: 0.0),
+        (800, 50, None, lambda step: 0.0),
+        (30_000, 200, 5_400, lambda step: 0.53 * step),  # v11: 10,199 steps fit in 90 minutes
+    ):
+        n = min(steps, 12_000)
+        new = [6e-4 * rate for rate in _learning_rates(steps, warmup, n, budget_s, spent)]
+        old = [_old_learning_rate(6e-4, step, steps, spent(step), budget_s, warmup) for step in range(n)]
+        assert new == pytest.approx(old, rel=1e-12, abs=1e-20)
+    # The VAE (warm-up 100) and decoder (50) stages wrote their formula inline.
+    for steps, warmup in ((1_400, 100), (3_000, 50)):
+        old = [min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps)) for step in range(steps)]
+        assert _learning_rates(steps, warmup, steps) == pytest.approx(old, rel=1e-12, abs=1e-20)
+
+
+class _OldEMA:
+    """The trainer's EMA before it moved to diffusers' EMAModel (git show bfc1dab:lab/tinyworld/train.py)."""
+
+    def __init__(self, module, decay):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module, step):
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in module.state_dict().items():
+            self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+
+
+def test_emamodel_with_the_trainers_options_is_the_old_ema_rule():
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel([torch.nn.Parameter(torch.zeros(1))], **train.EMA_RULE)
+    # EMAModel.step counts its updates from 1; the old rule took the loop's step from 0.
+    for step in range(20_000):
+        assert ema.get_decay(step + 1) == pytest.approx(min(0.999, (1 + step) / (10 + step)), rel=1e-12)
+    assert ema.get_decay(1) == pytest.approx(0.1)  # the first update keeps a tenth of the starting weights
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    old, new = _OldEMA(model, train.EMA_DECAY), EMAModel(model.parameters(), **train.EMA_RULE)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    for step in range(300):
+        opt.zero_grad()
+        model(torch.randn(16, 8)).pow(2).mean().backward()
+        opt.step()
+        old.update(model, step)
+        new.step(model.parameters())
+    averaged = copy.deepcopy(model)
+    new.copy_to(averaged.parameters())
+    for name, value in averaged.state_dict().items():
+        assert torch.allclose(value, old.shadow[name], rtol=1e-5, atol=1e-7), name
+        assert not torch.allclose(value, model.state_dict()[name])  # it is an average, not the last weights
+
+
+def test_compute_snr_is_the_snr_the_loss_weight_was_computed_from():
+    from diffusers.training_utils import compute_snr
+
+    for scheduler in (train.tw_model.make_scheduler(), train.tw_model.make_scheduler("v_prediction", True)):
+        t = torch.arange(1000)
+        by_hand = scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)
+        assert torch.allclose(compute_snr(scheduler, t), by_hand, rtol=1e-5, atol=0)
+    assert compute_snr(scheduler, torch.tensor([999])).item() == 0  # zero terminal SNR: pure noise
 
 
 def test_loss_weight_is_min_snr_with_a_floor_at_the_noisiest_steps():

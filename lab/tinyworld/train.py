@@ -27,7 +27,19 @@ Stages, each checkpointed and skipped when already done:
              curves (training_losses.png) and the judge's scores on the held-out prompts.
 
 Seeds are fixed and every batch is a function of (seed, stage, step), so a resumed run sees the
-same batches as an uninterrupted one. Uses a GPU when one is present.
+same batches as an uninterrupted one, and continues bit for bit as it would have (on the CPU).
+
+The loops run on library pieces: an `accelerate.Accelerator` places the trained modules on --device (a GPU
+by default when one is present) and checkpoints each stage with `save_state` / `load_state` into
+OUT/<stage>_ckpt (text_ckpt, vae_ckpt, decoder_ckpt every 200 steps, unet_ckpt every 250): the trained
+modules (safetensors), the AdamW state, the LR schedule, the random states, the EMA (diffusers'
+`EMAModel`, registered for checkpointing) and the loop's step, loss history and seconds spent. The
+learning rate is a torch `LambdaLR` (warmup_cosine); the UNet's Min-SNR weighting reads diffusers'
+`compute_snr`. accelerate writes the optimizer, schedule, random states and registered objects with
+torch.save, and `load_state` unpickles them: resume only from your own checkpoints.
+Checkpoint folders written before this trainer used accelerate (safetensors + state.json) do not
+resume: finish them with that version, or delete OUT/<stage>_ckpt to run the stage again. Finished
+stages (OUT/*_final*, latents, data) are read as before, so a completed run's folder still works.
 """
 
 from __future__ import annotations
@@ -45,7 +57,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel, compute_snr
 from safetensors.torch import load_file, save_file
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from lab import hooks
@@ -71,55 +86,98 @@ from .world import (
 TRAIN_SEED_OFFSET = 0  # training scenes use seeds [0, n); evaluation splits use seeds >= 10_000_000
 
 
-# ----------------------------------------------------------------------------- checkpoints (safetensors only)
+# ----------------------------------------------------------------------------- accelerate: device, checkpoints, LR
 
 
-def _save_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
-    """Optimizer state as safetensors + JSON, so resuming never unpickles anything."""
-    tensors, meta = {}, {"param_groups": [], "scalars": {}}
-    state = opt.state_dict()
-    for group in state["param_groups"]:
-        meta["param_groups"].append({k: v for k, v in group.items() if k != "params"} | {"params": group["params"]})
-    for pid, st in state["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                meta["scalars"][f"{pid}.{k}"] = v
-    save_file(tensors, str(path) + ".safetensors")
-    Path(str(path) + ".json").write_text(json.dumps(meta))
+def _accelerator(device) -> Accelerator:
+    """An Accelerator on `device`'s kind of device: it places the trained modules and saves / loads checkpoints.
+
+    One process (no `accelerate launch`), full precision: the CLI has no mixed-precision option."""
+    wanted = torch.device(device)
+    if wanted.type == "cuda" and wanted.index is not None:
+        torch.cuda.set_device(wanted.index)  # accelerate's single-process device is the current GPU
+    accelerator = Accelerator(cpu=wanted.type == "cpu")
+    if accelerator.device.type != wanted.type:
+        raise ValueError(f"device {device!r}: accelerate runs on {accelerator.device} in this process")
+    return accelerator
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, path: Path) -> None:
-    tensors = load_file(str(path) + ".safetensors")
-    meta = json.loads(Path(str(path) + ".json").read_text())
-    state: dict = {}
-    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+class _Progress:
+    """What a stage's checkpoint holds besides modules, optimizer, LR schedule and EMA (accelerate saves those):
+    the next step, the stage's records (its losses, and whatever else it logs per step) and the seconds it has
+    run, counted across resumes. Registered first (`register_for_checkpointing`): accelerate's
+    custom_checkpoint_0.pkl."""
+
+    def __init__(self, **records):
+        self.step, self.records = 0, {"losses": [], **records}
+        self._before, self._started = 0.0, time.time()
+
+    def seconds(self) -> float:
+        return self._before + time.time() - self._started
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seconds": self.seconds(), "records": self.records}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.records = int(state["step"]), state["records"]
+        self._before, self._started = float(state["seconds"]), time.time()
 
 
-def _save_ckpt(out: Path, stage: str, step: int, modules: dict, opt, losses: list) -> None:
-    d = out / f"{stage}_ckpt"
-    d.mkdir(parents=True, exist_ok=True)
-    for name, m in modules.items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}, str(d / f"{name}.safetensors"))
-    _save_optimizer(opt, d / "optimizer")
-    tmp = d / "state.json.tmp"
-    tmp.write_text(json.dumps({"step": step, "losses": losses}))
-    tmp.replace(d / "state.json")  # written last: a checkpoint is valid only once this exists
+PROGRESS_FILE = "custom_checkpoint_0.pkl"  # accelerate's file for the first registered object, the _Progress
 
 
-def _load_ckpt(out: Path, stage: str, modules: dict, opt) -> tuple[int, list]:
-    d = out / f"{stage}_ckpt"
-    if not (d / "state.json").exists():
-        return 0, []
-    for name, m in modules.items():
-        m.load_state_dict(load_file(str(d / f"{name}.safetensors")))
-    _load_optimizer(opt, d / "optimizer")
-    st = json.loads((d / "state.json").read_text())
-    return st["step"], st["losses"]
+def _save_checkpoint(accelerator: Accelerator, folder: Path) -> None:
+    """accelerate's `save_state` into `folder`, swapped in only once complete: an interrupted save leaves the
+    previous checkpoint (as FOLDER.previous if it stopped mid-swap; `_load_checkpoint` finds it there)."""
+    partial, previous = folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".previous")
+    shutil.rmtree(partial, ignore_errors=True)
+    accelerator.save_state(str(partial))
+    if folder.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        folder.rename(previous)
+    partial.rename(folder)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _load_checkpoint(accelerator: Accelerator, folder: Path) -> bool:
+    """accelerate's `load_state` from `folder` (modules, optimizer, schedule, random states and every registered
+    object); False when the stage has no checkpoint yet."""
+    if not (folder / PROGRESS_FILE).exists():
+        previous = folder.with_name(folder.name + ".previous")
+        if (previous / PROGRESS_FILE).exists():
+            folder = previous
+        elif (folder / "state.json").exists():
+            raise SystemExit(
+                f"{folder} is a checkpoint of the trainer before it moved to accelerate (safetensors + state.json): "
+                "this version cannot resume it. Finish that stage with the earlier version, or delete the folder to "
+                "run the stage again from its start."
+            )
+        else:
+            return False
+    accelerator.load_state(str(folder))
+    return True
+
+
+def warmup_cosine(step: int, steps: int, warmup: int, progress: float = 0.0) -> float:
+    """The learning rate's factor at `step`: a linear warm-up over the first `warmup` steps (from 1/warmup),
+    times a cosine from 1 to 0 over the planned `steps`, or over a time budget when `progress` (the fraction
+    of the budget spent) is further along than step / steps."""
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(max(step / steps, progress), 1.0)))
+
+
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, steps: int, warmup: int, budget_s: float | None = None, clock=None
+) -> LambdaLR:
+    """warmup_cosine as a torch LambdaLR (stepped once per optimizer step, saved and restored by accelerate).
+
+    With `budget_s`, `clock()` gives the seconds spent so far, and the cosine ends at whichever comes first,
+    the planned steps or the budget. diffusers' get_scheduler("cosine") is not this rule (its warm-up starts
+    at 0 and its cosine starts after the warm-up, and it knows no time budget), so the shipped recipe keeps it."""
+
+    def factor(step: int) -> float:
+        return warmup_cosine(step, steps, warmup, clock() / budget_s if budget_s else 0.0)
+
+    return LambdaLR(optimizer, factor)
 
 
 # ----------------------------------------------------------------------------- stage 1: data
@@ -325,7 +383,7 @@ class CaptionReader(torch.nn.Module):
 
 
 def pretrain_text_encoder(
-    out: Path, scenes: list[Scene], steps: int, batch: int, lr: float, seed: int, device
+    out: Path, scenes: list[Scene], steps: int, batch: int, lr: float, seed: int, device, checkpoint_every: int = 200
 ) -> tuple[Path, dict]:
     """Train a fresh CLIP text model to read the scene back from captions; returns its weights' path
     and {"steps", "accuracy"} (the read-out accuracy over the last 50 batches)."""
@@ -337,17 +395,20 @@ def pretrain_text_encoder(
 
     if final.exists() and history_path.exists():
         return final, summary()
+    accelerator = _accelerator(device)
     torch.manual_seed(seed + 1)
-    text_encoder, reader = tw_model.make_text_encoder().to(device), CaptionReader(tw_model.TEXT_WIDTH).to(device)
+    text_encoder, reader = tw_model.make_text_encoder(), CaptionReader(tw_model.TEXT_WIDTH)
     tokenizer = tw_model.make_tokenizer()
     shape_ids, words = shape_token_ids(tokenizer), attribute_tokens(tokenizer)
     opt = torch.optim.AdamW(list(text_encoder.parameters()) + list(reader.parameters()), lr=lr, weight_decay=0.01)
-    modules = {"text_encoder": text_encoder, "reader": reader}
-    start, losses = _load_ckpt(out, "text", modules, opt)
-    accuracy_path = out / "text_ckpt" / "accuracy.json"
-    accuracies = json.loads(accuracy_path.read_text()) if start and accuracy_path.exists() else []
+    schedule = lr_schedule(opt, steps, warmup=50)
+    text_encoder, reader, opt, schedule = accelerator.prepare(text_encoder, reader, opt, schedule)
+    progress = _Progress(accuracy=[])
+    accelerator.register_for_checkpointing(progress)
+    _load_checkpoint(accelerator, out / "text_ckpt")
+    losses, accuracies = progress.records["losses"], progress.records["accuracy"]
     text_encoder.train()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="pre-train text encoder")
+    bar = tqdm(range(progress.step, steps), initial=progress.step, total=steps, desc="pre-train text encoder")
     for step in bar:
         rng = np.random.default_rng([seed, 4, step])
         idx = rng.choice(len(scenes), batch, replace=False)
@@ -362,18 +423,18 @@ def pretrain_text_encoder(
             caption_targets(ids[row].tolist(), scenes[i], shape_ids, words, tokenizer.eos_token_id)
             for row, i in enumerate(idx)
         ]
-        for g in opt.param_groups:
-            g["lr"] = learning_rate(lr, step, steps, warmup=50)
-        loss, accuracy = reader.loss(text_encoder(ids.to(device))[0], targets)
+        loss, accuracy = reader.loss(text_encoder(ids.to(accelerator.device))[0], targets)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        accelerator.backward(loss)
         opt.step()
+        schedule.step()
+        progress.step = step + 1
         losses.append(loss.item())
         accuracies.append(accuracy)
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", read=f"{np.mean(accuracies[-50:]):.1%}")
-        if (step + 1) % 200 == 0 and step + 1 < steps:
-            _save_ckpt(out, "text", step + 1, modules, opt, losses)
-            accuracy_path.write_text(json.dumps(accuracies))
+        if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            _save_checkpoint(accelerator, out / "text_ckpt")
+    accelerator.free_memory()
     save_file({k: v.detach().contiguous() for k, v in text_encoder.state_dict().items()}, str(final))
     history_path.write_text(json.dumps({"losses": losses, "accuracy": accuracies}))
     return final, summary()
@@ -416,39 +477,48 @@ def train_vae(
     device,
     masks: np.ndarray | None = None,
     object_weight: float = 0.0,
+    checkpoint_every: int = 200,
 ) -> torch.nn.Module:
-    vae = tw_model.make_vae().to(device)
+    accelerator = _accelerator(device)
+    vae = tw_model.make_vae().to(accelerator.device)
     final = out / "vae_final.safetensors"
     if final.exists():
         vae.load_state_dict(load_file(str(final)))
         return vae
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    start, losses = _load_ckpt(out, "vae", {"vae": vae}, opt)
+    schedule = lr_schedule(opt, steps, warmup=100)  # cosine decay after a short warm-up
+    vae, opt, schedule = accelerator.prepare(vae, opt, schedule)
+    progress = _Progress()
+    accelerator.register_for_checkpointing(progress)
+    _load_checkpoint(accelerator, out / "vae_ckpt")
+    losses = progress.records["losses"]
     vae.train()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train VAE")
+    bar = tqdm(range(progress.step, steps), initial=progress.step, total=steps, desc="train VAE")
     for step in bar:
         rng = np.random.default_rng([seed, 1, step])
         idx = rng.choice(len(images), batch, replace=False)
-        x = _to_tensor(images[idx], device)
-        for g in opt.param_groups:  # cosine decay after a short warm-up
-            g["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        x = _to_tensor(images[idx], accelerator.device)
         gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
         posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device)
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(accelerator.device)
         recon = vae.decode(z).sample
         rec = F.l1_loss(recon, x) + F.mse_loss(recon, x)  # logged unweighted, comparable across settings
         kl = posterior.kl().mean() / x[0].numel()
         if masks is not None and object_weight > 0:
-            loss = reconstruction_loss(recon, x, object_weights(masks[idx], device, object_weight)) + 1e-5 * kl
+            weights = object_weights(masks[idx], accelerator.device, object_weight)
+            loss = reconstruction_loss(recon, x, weights) + 1e-5 * kl
         else:
             loss = rec + 1e-5 * kl
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        accelerator.backward(loss)
         opt.step()
+        schedule.step()
+        progress.step = step + 1
         losses.append(rec.item())
         bar.set_postfix(rec=f"{np.mean(losses[-50:]):.4f}")
-        if (step + 1) % 200 == 0 and step + 1 < steps:
-            _save_ckpt(out, "vae", step + 1, {"vae": vae}, opt, losses)
+        if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            _save_checkpoint(accelerator, out / "vae_ckpt")
+    accelerator.free_memory()
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(final))
     (out / "vae_losses.json").write_text(json.dumps(losses))
     return vae
@@ -490,6 +560,7 @@ def finetune_decoder(
     device,
     masks: np.ndarray | None = None,
     object_weight: float = 0.0,
+    checkpoint_every: int = 200,
 ) -> torch.nn.Module:
     """Sharpen the decoder on the frozen encoder's latents (as SD's ft-MSE VAE did): the latent space,
     and so the UNet trained on it, is unchanged. An L1 loss on image gradients keeps edges and stripes crisp,
@@ -501,32 +572,41 @@ def finetune_decoder(
         return vae
     if steps <= 0:
         return vae
-    decoder = vae.decoder
-    modules = {"decoder": decoder, "post_quant_conv": vae.post_quant_conv}
-    params = list(decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    accelerator = _accelerator(device)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    start, losses = _load_ckpt(out, "decoder", modules, opt)
-    vae.train()
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="fine-tune VAE decoder")
+    schedule = lr_schedule(opt, steps, warmup=50)
+    decoder, post_quant_conv, opt, schedule = accelerator.prepare(vae.decoder, vae.post_quant_conv, opt, schedule)
+    progress = _Progress()
+    accelerator.register_for_checkpointing(progress)
+    _load_checkpoint(accelerator, out / "decoder_ckpt")
+    losses = progress.records["losses"]
+    vae.to(accelerator.device).train()
+    bar = tqdm(range(progress.step, steps), initial=progress.step, total=steps, desc="fine-tune VAE decoder")
     for step in bar:
         rng = np.random.default_rng([seed, 3, step])
         idx = rng.choice(len(images), batch, replace=False)
-        x = _to_tensor(images[idx], device)
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        recon = vae.decode(latents[idx].float().to(device)).sample
-        weights = object_weights(masks[idx], device, object_weight) if masks is not None else torch.ones_like(x[:, :1])
+        x = _to_tensor(images[idx], accelerator.device)
+        recon = vae.decode(latents[idx].float().to(accelerator.device)).sample
+        weights = (
+            object_weights(masks[idx], accelerator.device, object_weight)
+            if masks is not None
+            else torch.ones_like(x[:, :1])
+        )
         loss = reconstruction_loss(recon, x, weights)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        accelerator.backward(loss)
         opt.step()
+        schedule.step()
+        progress.step = step + 1
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if (step + 1) % 200 == 0 and step + 1 < steps:
-            _save_ckpt(out, "decoder", step + 1, modules, opt, losses)
+        if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            _save_checkpoint(accelerator, out / "decoder_ckpt")
+    accelerator.free_memory()
     save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, str(final))
     save_file(
-        {k: v.contiguous() for k, v in vae.post_quant_conv.state_dict().items()},
+        {k: v.contiguous() for k, v in post_quant_conv.state_dict().items()},
         str(out / "post_quant_conv_final.safetensors"),
     )
     (out / "decoder_losses.json").write_text(json.dumps(losses))
@@ -546,19 +626,12 @@ def load_trained_vae(out: Path) -> torch.nn.Module:
 # ----------------------------------------------------------------------------- stage 5: UNet
 
 
-class EMA:
-    def __init__(self, module: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, module: torch.nn.Module, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))  # warm-up: early weights are not kept for long
-        for k, v in module.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
-            else:
-                self.shadow[k].copy_(v)
+EMA_DECAY = 0.999
+# EMAModel's options for the trainer's EMA rule, d = min(0.999, (1 + step) / (10 + step)) at the loop's step
+# (0, 1, ...): early weights are not kept for long. EMAModel.get_decay's warm-up branch with power 1 is
+# 1 - inv_gamma / (inv_gamma + k), k = optimization_step - update_after_step - 1; inv_gamma = 9 and
+# update_after_step = -1 (k = step + 1 on the update after loop step `step`) make it 9/(10 + step) short of 1.
+EMA_RULE = {"decay": EMA_DECAY, "use_ema_warmup": True, "inv_gamma": 9, "power": 1, "update_after_step": -1}
 
 
 def loss_weight(
@@ -653,16 +726,6 @@ def denoising_loss(
     return (timestep_weight * per_sample).mean()
 
 
-def learning_rate(
-    peak: float, step: int, steps: int, spent_s: float = 0.0, budget_s: float | None = None, warmup: int = 200
-) -> float:
-    """Linear warm-up, then a cosine to zero at whichever ends first: `steps`, or `budget_s` seconds."""
-    progress = step / steps
-    if budget_s:
-        progress = max(progress, spent_s / budget_s)
-    return peak * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def train_unet(
     out: Path,
     latents: torch.Tensor,
@@ -683,59 +746,63 @@ def train_unet(
     grounding_weight: float = 0.0,
     frozen_text_encoder: Path | None = None,
     object_weight: float = 0.0,
+    checkpoint_every: int = 250,
 ):
     """With `frozen_text_encoder` (pretrain_text_encoder's weights) the UNet trains on that text encoder,
     frozen, as SD's UNet trains on a frozen CLIP; without, both train jointly from the start.
     `object_weight` weighs the denoising error on latent cells covered by objects 1 + object_weight
-    times the background's (denoising_loss)."""
+    times the background's (denoising_loss). Checkpoints (OUT/unet_ckpt, accelerate's save_state) every
+    `checkpoint_every` steps; `unet_checkpoint` reads one."""
     if (grounding_weight or object_weight) and masks is None:
         raise ValueError("grounding_weight and object_weight need the object masks (make_data's third result)")
+    accelerator = _accelerator(device)
     torch.manual_seed(seed)
-    unet, text_encoder = tw_model.make_unet().to(device), tw_model.make_text_encoder().to(device)
+    unet, text_encoder = tw_model.make_unet(), tw_model.make_text_encoder()
     tokenizer, scheduler = tw_model.make_tokenizer(), scheduler or tw_model.make_scheduler()
     prediction_type = scheduler.config.prediction_type
-    final = out / "unet_final"
+    final, checkpoint = out / "unet_final", out / "unet_ckpt"
     if (final / "state.json").exists():
         unet.load_state_dict(load_file(str(final / "unet_ema.safetensors")))
         text_encoder.load_state_dict(load_file(str(final / "text_encoder_ema.safetensors")))
-        return unet, text_encoder
+        return unet.to(accelerator.device), text_encoder.to(accelerator.device)
     train_text = frozen_text_encoder is None
     if not train_text:
         text_encoder.load_state_dict(load_file(str(frozen_text_encoder)))
         text_encoder.requires_grad_(False)
-    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    ema_u, ema_t = EMA(unet, 0.999), EMA(text_encoder, 0.999)
-    modules = {"unet": unet, "text_encoder": text_encoder} if train_text else {"unet": unet}
-    if (out / "unet_init.safetensors").exists() and not (out / "unet_ckpt" / "state.json").exists():
-        unet.load_state_dict(load_file(str(out / "unet_init.safetensors")))  # --init-from: continue a shipped model
+    if (out / "unet_init.safetensors").exists():  # --init-from: continue a shipped model (a checkpoint overrides)
+        unet.load_state_dict(load_file(str(out / "unet_init.safetensors")))
         text_encoder.load_state_dict(load_file(str(out / "text_encoder_init.safetensors")))
         if reinit_words:
             reinit_word_embeddings(text_encoder, tokenizer, reinit_words, seed)
-        ema_u, ema_t = EMA(unet, 0.999), EMA(text_encoder, 0.999)
-    start, losses = _load_ckpt(out, "unet", modules, opt)
-    if start:
-        ema_u.shadow = load_file(str(out / "unet_ckpt" / "unet_ema.safetensors"))
-        ema_t.shadow = load_file(str(out / "unet_ckpt" / "text_encoder_ema.safetensors"))
-    grounding_path = out / "unet_ckpt" / "grounding_losses.json"
-    grounding_losses = json.loads(grounding_path.read_text()) if start and grounding_path.exists() else []
-    alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    snr = alphas_cumprod / (1 - alphas_cumprod)
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    # The time budget counts across resumes; the learning rate's cosine ends at whichever comes first,
+    # the planned steps or the budget, so a run cut by time still finishes annealed.
+    budget_s = 60 * max_minutes if max_minutes else None
+    progress = _Progress(grounding_losses=[])
+    schedule = lr_schedule(opt, steps, warmup=200, budget_s=budget_s, clock=progress.seconds)
+    if train_text:
+        unet, text_encoder, opt, schedule = accelerator.prepare(unet, text_encoder, opt, schedule)
+    else:
+        unet, opt, schedule = accelerator.prepare(unet, opt, schedule)
+        text_encoder.to(accelerator.device)
+    trained = [unet, text_encoder] if train_text else [unet]
+    emas = [EMAModel(m.parameters(), **EMA_RULE) for m in trained]  # a frozen text encoder is its own average
+    accelerator.register_for_checkpointing(progress, *emas)
+    if _load_checkpoint(accelerator, checkpoint):
+        for ema in emas:
+            ema.to(accelerator.device)  # accelerate loads registered objects onto the CPU
+    losses, grounding_losses = progress.records["losses"], progress.records["grounding_losses"]
     unet.train()
     text_encoder.train(train_text)
     shape_ids = shape_token_ids(tokenizer)
     bar = tqdm(
-        range(start, steps),
-        initial=start,
+        range(progress.step, steps),
+        initial=progress.step,
         total=steps,
         desc="train UNet + text encoder" if train_text else "train UNet (text encoder frozen)",
     )
-    # The time budget counts across resumes; the learning rate's cosine ends at whichever comes first,
-    # the planned steps or the budget, so a run cut by time still finishes annealed.
-    budget_s = 60 * max_minutes if max_minutes else None
-    clock_path = out / "unet_ckpt" / "clock.json"
-    spent_before = json.loads(clock_path.read_text())["unet_seconds"] if start and clock_path.exists() else 0.0
-    started = time.time()
+    device = accelerator.device
     # The grounding loss reads cross-attention probabilities through lab's hooks, with their graph.
     tracing = hooks.trace(unet, guidance="none", memory_limit=None) if grounding_weight else contextlib.nullcontext()
     with tracing as trace:
@@ -745,8 +812,7 @@ def train_unet(
                 list(GROUNDING_SITES), "probs", reduce=hooks.Mean(over=("steps", "heads")), device=None, detach=False
             )
         for step in bar:
-            spent = spent_before + time.time() - started
-            if budget_s and spent > budget_s:  # out of time: finish with the EMA weights reached so far
+            if budget_s and progress.seconds() > budget_s:  # out of time: finish with the EMA weights reached so far
                 print(f"time budget reached at step {step}/{steps}")
                 break
             rng = np.random.default_rng([seed, 2, step])
@@ -758,13 +824,11 @@ def train_unet(
             noise = torch.randn(x0.shape, generator=gen).to(device)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen).to(device)
             xt = scheduler.add_noise(x0, noise, t)
-            for g in opt.param_groups:
-                g["lr"] = learning_rate(lr, step, steps, spent, budget_s)
             with torch.set_grad_enabled(train_text):
                 cond = text_encoder(ids.to(device))[0]
             pred = unet(xt, t, encoder_hidden_states=cond).sample
             target = noise if prediction_type == "epsilon" else scheduler.get_velocity(x0, noise, t)
-            weight = loss_weight(snr[t], min_snr_gamma, layout_weight, prediction_type)
+            weight = loss_weight(compute_snr(scheduler, t), min_snr_gamma, layout_weight, prediction_type)
             cells = object_weights(masks[idx], device, object_weight, scale_factor=1) if object_weight else None
             loss = denoising_loss(pred, target, weight, cells)
             if attention is not None:
@@ -781,42 +845,64 @@ def train_unet(
                     grounding_losses.append(grounding.item())
                 attention.reset()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(params, 1.0)
             opt.step()
-            ema_u.update(unet, step)
-            if train_text:
-                ema_t.update(text_encoder, step)
+            schedule.step()
+            for ema, module in zip(emas, trained):
+                ema.step(module.parameters())
+            progress.step = step + 1
             losses.append(loss.item())
             bar.set_postfix(
                 loss=f"{np.mean(losses[-100:]):.4f}",
                 **({"grounding": f"{np.mean(grounding_losses[-100:]):.3f}"} if grounding_losses else {}),
             )
-            if (step + 1) % 250 == 0 and step + 1 < steps:
-                _save_ckpt(out, "unet", step + 1, modules, opt, losses)
-                save_file(ema_u.shadow, str(out / "unet_ckpt" / "unet_ema.safetensors"))
-                save_file(ema_t.shadow, str(out / "unet_ckpt" / "text_encoder_ema.safetensors"))
-                (out / "unet_ckpt" / "grounding_losses.json").write_text(json.dumps(grounding_losses))
-                clock_path.write_text(json.dumps({"unet_seconds": spent_before + time.time() - started}))
+            if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                _save_checkpoint(accelerator, checkpoint)
+    accelerator.free_memory()
+    for ema, module in zip(emas, trained):
+        ema.copy_to(module.parameters())  # the exported weights are the averages
     final.mkdir(parents=True, exist_ok=True)
-    save_file(ema_u.shadow, str(final / "unet_ema.safetensors"))
-    save_file(ema_t.shadow, str(final / "text_encoder_ema.safetensors"))
+    for name, module in (("unet", unet), ("text_encoder", text_encoder)):
+        tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        save_file(tensors, str(final / f"{name}_ema.safetensors"))
     (final / "state.json").write_text(
         json.dumps(
             {
                 "step": len(losses),
                 "planned_steps": steps,
                 "losses": losses,
-                "unet_seconds": spent_before + time.time() - started,
+                "unet_seconds": progress.seconds(),
                 "grounding_weight": grounding_weight,
                 "object_weight": object_weight,
                 "grounding_losses": grounding_losses,
             }
         )
     )
-    unet.load_state_dict(ema_u.shadow)
-    text_encoder.load_state_dict(ema_t.shadow)
     return unet, text_encoder
+
+
+def unet_checkpoint(out: Path, ema: bool = True) -> tuple[int, torch.nn.Module, torch.nn.Module]:
+    """The UNet stage's latest checkpoint in a training folder (OUT/unet_ckpt, written every 250 steps while
+    the run goes on): (its step, the UNet, the text encoder), with the EMA weights or (ema=False) the raw
+    ones; a text encoder that was frozen is the pre-trained one. Reads safetensors and, for the step and the
+    EMA, accelerate's files for registered objects with torch.load(weights_only=True): no code is unpickled."""
+    folder = out / "unet_ckpt"
+    if not (folder / PROGRESS_FILE).exists():
+        raise FileNotFoundError(f"{folder}: no checkpoint of this trainer")
+    unet, text_encoder = tw_model.make_unet(), tw_model.make_text_encoder()
+    unet.load_state_dict(load_file(str(folder / "model.safetensors")))
+    joint = (folder / "model_1.safetensors").exists()  # the text encoder trained too: accelerate's second model
+    text_encoder.load_state_dict(
+        load_file(str(folder / "model_1.safetensors" if joint else out / "text_encoder_pretrained.safetensors"))
+    )
+    step = torch.load(folder / PROGRESS_FILE, weights_only=True)["step"]
+    if ema:  # registered after the _Progress, in the order of accelerate's models
+        for index, module in enumerate([unet, text_encoder] if joint else [unet], start=1):
+            average = EMAModel(module.parameters(), **EMA_RULE)
+            average.load_state_dict(torch.load(folder / f"custom_checkpoint_{index}.pkl", weights_only=True))
+            average.copy_to(module.parameters())
+    return step, unet.eval(), text_encoder.eval()
 
 
 # ----------------------------------------------------------------------------- stage 6: export
