@@ -1141,3 +1141,248 @@ def test_editing_suggest_edit():
     assert suggest_edit("a small pink square") == "a small green square"
     assert suggest_edit("a large green circle left of a red star") == "a large blue circle left of a red star"
     assert suggest_edit("a photo of a cat") == "a photo of a cat"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# widgets.ErasingExplorer: a concept erased (UCE, ESD), held-out prompts before and after; a slider dragged
+# ---------------------------------------------------------------------------------------------------------
+
+ER_STEPS = 4
+ER_SEEDS = (1,)
+
+
+def parameters_of(pipe) -> dict:
+    """Every parameter of the pipeline, its value (a copy) and requires_grad flag."""
+    return {name: (p.detach().clone(), p.requires_grad) for name, p in lab.weights.named_parameters(pipe).items()}
+
+
+def assert_parameters_are(pipe, saved: dict) -> None:
+    now = lab.weights.named_parameters(pipe)
+    assert now.keys() == saved.keys(), "the pipeline's parameters changed names (an adapter left in?)"
+    for name, p in now.items():
+        assert torch.equal(p.detach(), saved[name][0]) and p.requires_grad == saved[name][1], name
+    assert not getattr(pipe.unet, "peft_config", None), "a LoRA adapter was left in the UNet"
+
+
+@pytest.fixture
+def erasing(tinyworld):
+    return widgets.ErasingExplorer(tinyworld, "star", num_inference_steps=ER_STEPS, seeds=ER_SEEDS)
+
+
+def generated(pipe, prompt, seed=ER_SEEDS[0]) -> np.ndarray:
+    image = pipe(
+        prompt, num_inference_steps=ER_STEPS, guidance_scale=5.0, generator=torch.Generator().manual_seed(seed)
+    ).images[0]
+    return np.asarray(image.convert("RGB"))
+
+
+def test_erasing_opens_on_uce_and_leaves_the_pipeline_as_it_was(tinyworld, restored):
+    from lab.tinyworld.judge import read_image
+    from widgets.erasing import default_preserve, held_out_prompts
+    from widgets.erasing_parts import reading_text
+
+    saved, check = parameters_of(tinyworld), restored(tinyworld)
+    explorer = widgets.ErasingExplorer(tinyworld, "star", num_inference_steps=ER_STEPS, seeds=ER_SEEDS)
+    assert explorer.message == "" and explorer.method == "uce"  # UCE runs at once (closed form)
+    assert explorer.prompts == held_out_prompts("star") == ["a red star", "a large blue star", "a green circle",
+                                                             "a yellow square"]  # fmt: skip
+    assert explorer.preserve == "circle, square, triangle, heart, cross" == ", ".join(default_preserve("star"))
+    assert [t["names"] for t in explorer.tiles] == [True, True, False, False]
+    assert explorer.pipeline_runs == 4 + 1 + 4  # before, the erasure, after
+    result = explorer.result
+    # The after images are lab.uce's edit, as a script would make them; the before images the model's own.
+    with lab.uce.erase(tinyworld, ["star"], preserve=default_preserve("star")):
+        erased = {prompt: generated(tinyworld, prompt) for prompt in explorer.prompts}
+    for tile in explorer.tiles:
+        prompt = tile["prompt"]
+        assert np.array_equal(result.after[prompt, 1], erased[prompt])
+        assert np.array_equal(result.before[prompt, 1], generated(tinyworld, prompt))
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(tile["after"]))), erased[prompt])
+        assert tile["after_reading"] == reading_text(read_image(erased[prompt])) == result.readings["after", prompt, 1]
+    changed = [t["prompt"] for t in explorer.tiles if t["before"] != t["after"]]
+    assert {"a red star", "a large blue star"} <= set(changed), "erasing 'star' changed no image naming it"
+    assert "UCE erased “star”" in explorer.erase_label and "preserving circle" in explorer.erase_label
+    assert "of 2 before" in explorer.summary
+    # Every weight is back, bit for bit, with its requires_grad; no hook or processor left behind.
+    assert_parameters_are(tinyworld, saved)
+    check()
+    # The saved weights give the same edit again, from Python.
+    with result.apply(tinyworld):
+        assert np.array_equal(generated(tinyworld, "a red star"), erased["a red star"])
+    assert_parameters_are(tinyworld, saved)
+
+
+def test_erasing_caches_and_trains_esd_with_progress(erasing, tinyworld):
+    explorer = erasing
+    saved, shown = parameters_of(tinyworld), [t["after"] for t in erasing.tiles]
+    calls, remove = unet_calls(tinyworld)
+    try:
+        explorer._on_browser_message(explorer, {"event": "run"}, [])  # Run again, same settings: the cache
+        assert calls == [] and explorer.from_cache and [t["after"] for t in explorer.tiles] == shown
+        seen = recorder(explorer, "busy", "progress", "progress_text")
+        result = explorer.run(method="esd_x", esd_iterations=2, esd_lr=1e-3)  # trains (2 iterations), then after
+        assert seen["busy"] == [True, False] and not explorer.from_cache and calls
+        counted = seen["progress"][:-1]
+        assert counted == sorted(counted) and counted[-1] == 1.0
+        assert any("iteration 2 / 2" in text for text in seen["progress_text"])
+        assert result.spec.method == "esd_x" and len(result.edit.losses) == 2
+        assert all(".attn2." in name for name in result.tensors) and "ESD-x" in explorer.erase_label
+        assert explorer.cached_edits() == 2
+        assert_parameters_are(tinyworld, saved)
+        # Back to UCE: from the cache, no UNet call, its images again.
+        calls.clear()
+        explorer.run(method="uce")
+        assert calls == [] and explorer.from_cache and [t["after"] for t in explorer.tiles] == shown
+    finally:
+        remove()
+    assert_parameters_are(tinyworld, saved)
+
+
+def test_erasing_bad_input_is_a_message_and_changes_nothing(erasing, tinyworld):
+    explorer = erasing
+    saved, shown, result = parameters_of(tinyworld), explorer.tiles, explorer.result
+    for controls, words in [
+        (dict(concept=""), "empty concept"),
+        (dict(concept="star", preserve="star, circle"), "both erased and preserved"),
+        (dict(preserve="circle", method="esd_u", esd_iterations=0), "iterations must be a positive integer"),
+        (dict(method="dreambooth"), "unknown erasing method"),
+    ]:
+        with pytest.raises(RuntimeError, match=words):
+            explorer.run(**controls)
+        assert words in explorer.message and "Traceback" not in explorer.message and not explorer.busy
+        assert explorer.result is result and explorer.tiles == shown
+        assert_parameters_are(tinyworld, saved)
+    with pytest.raises(ValueError, match="unknown control 'slider_scale'"):
+        explorer.run(slider_scale=2.0)
+    explorer.run(method="uce", preserve="circle, square, triangle, heart, cross", concept="star")
+    assert explorer.message == "" and explorer.from_cache and explorer.result is result
+
+
+def test_erasing_defaults_follow_the_concept(erasing):
+    from widgets.erasing import held_out_prompts
+
+    explorer = erasing
+    explorer.run(concept="red")
+    assert explorer.prompts == held_out_prompts("red") == ["a red circle", "a large red square", "a green circle",
+                                                           "a yellow square"]  # fmt: skip
+    assert explorer.preserve == "orange, yellow, green, blue, purple, pink, brown"
+    assert [t["names"] for t in explorer.tiles] == [True, True, False, False]
+    explorer.run(concept="circle", preserve="square", prompts=["a blue circle", "a blue heart"])
+    assert explorer.prompts == ["a blue circle", "a blue heart"] and len(explorer.tiles) == 2
+    explorer.run(concept="heart")  # prompts given: they stay; preserve typed: it stays
+    assert explorer.prompts == ["a blue circle", "a blue heart"] and explorer.preserve == "square"
+    assert [t["names"] for t in explorer.tiles] == [False, True]
+
+
+@pytest.fixture(scope="module")
+def slider_folder(tinyworld, tmp_path_factory):
+    slider = lab.sliders.train(
+        tinyworld, positive="large", negative="small", iterations=2, lr=1e-2, num_steps=4, progress=False
+    )
+    return slider.save(tmp_path_factory.mktemp("slider") / "size")
+
+
+def test_erasing_slider_scale_cache(tinyworld, slider_folder, restored):
+    saved, check = parameters_of(tinyworld), restored(tinyworld)
+    explorer = widgets.ErasingExplorer(
+        tinyworld, "star", run=False, num_inference_steps=ER_STEPS, seeds=ER_SEEDS, slider=slider_folder, scale=2.0
+    )
+    assert explorer.message == "" and explorer.slider_loaded and "“large” vs “small”" in explorer.slider_label
+    assert explorer.result is None and all(t["after"] == b"" for t in explorer.tiles)  # ESD/UCE not run
+    at_2 = explorer.slider_png
+    with lab.sliders.apply(tinyworld, [slider_folder], scales=[2.0]):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(at_2))), generated(tinyworld, "a red star"))
+    assert explorer.slider_base_png != at_2 and explorer.slider_cached == [0.0, 2.0]
+    calls, remove = unet_calls(tinyworld)
+    try:
+        # Dragged to -2, as the browser's requester asks: computed once.
+        with explorer.hold_trait_notifications():
+            explorer.slider_scale, explorer.request = -2.0, 1
+        assert explorer.answered_request == 1 and not explorer.from_cache and len(calls) == ER_STEPS
+        at_minus_2 = explorer.slider_png
+        assert at_minus_2 != at_2 and explorer.slider_cached == [-2.0, 0.0, 2.0]
+        # Back to 2, then to -2 again: the kernel's cache, no UNet call, the same pictures.
+        calls.clear()
+        for number, (scale, png) in enumerate([(2.0, at_2), (-2.0, at_minus_2)], start=2):
+            with explorer.hold_trait_notifications():
+                explorer.slider_scale, explorer.request = scale, number
+            assert explorer.answered_request == number and explorer.from_cache and explorer.slider_png == png
+        assert calls == []
+        # Scale 0 is the model without the slider; another start step is another image (switched on later).
+        explorer.show_slider(scale=0.0)
+        assert calls == [] and explorer.slider_png == explorer.slider_base_png
+        explorer.show_slider(scale=-2.0, start_step=2)
+        assert len(calls) == ER_STEPS and explorer.slider_png not in (at_minus_2, explorer.slider_base_png)
+        with lab.sliders.apply(tinyworld, [slider_folder], scales=[-2.0], start_step=2):
+            assert np.array_equal(
+                np.asarray(Image.open(io.BytesIO(explorer.slider_png))), generated(tinyworld, "a red star")
+            )
+        with pytest.raises(RuntimeError, match="outside the 4 denoising steps"):
+            explorer.show_slider(start_step=4)
+    finally:
+        remove()
+    assert_parameters_are(tinyworld, saved)
+    check()
+    assert explorer.snapshot(64).size[0] == 4 * 64 + 3 * 6
+
+
+def test_erasing_slider_training_and_bad_sliders(tinyworld, sd1, tmp_path):
+    saved = parameters_of(tinyworld)
+    explorer = widgets.ErasingExplorer(
+        tinyworld, "star", run=False, num_inference_steps=ER_STEPS, seeds=ER_SEEDS, slider_iterations=1
+    )
+    assert not explorer.slider_loaded and explorer.slider_png == b""
+    # A folder without a slider: lab's message; nothing is loaded.
+    explorer.load_slider(tmp_path)
+    assert "holds no pytorch_lora_weights.safetensors" in explorer.message and not explorer.slider_loaded
+    # A slider of another architecture (the tiny SD 1 pipeline): refused before anything is loaded.
+    tiny = lab.sliders.train(sd1, positive="large", iterations=1, num_steps=2, progress=False)
+    explorer.load_slider(tiny)
+    assert "does not fit this UNet" in explorer.message and not explorer.slider_loaded
+    assert_parameters_are(tinyworld, saved)
+    # Trained from the browser: busy, the iterations counted, then drawn at the scale.
+    seen = recorder(explorer, "busy", "progress_text")
+    explorer._on_browser_message(explorer, {"event": "train_slider"}, [])
+    assert explorer.message == "" and explorer.slider_loaded and explorer.slider.settings["iterations"] == 1
+    assert seen["busy"][:2] == [True, False] and any("iteration 1 / 1" in t for t in seen["progress_text"])
+    assert explorer.slider_png and explorer.slider_cached == [0.0, 2.0]
+    # A bad prompt for the slider's ends: lab's message, the slider in use stays.
+    slider = explorer.slider
+    assert explorer.train_slider(positive="") is None
+    assert "positive must be a non-empty prompt" in explorer.message and explorer.slider is slider
+    assert_parameters_are(tinyworld, saved)
+
+
+def test_erasing_static_html_and_front_end(erasing, tmp_path):
+    data, _ = erasing._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in data
+    figure = data["text/html"]
+    assert figure.startswith('<figure class="sdlab-explorer-static sdlab-erasing-static"')
+    assert "Erasing explorer" in figure and "UCE erased" in figure
+    assert erasing.snapshot(64).size == (4 * 64 + 3 * 6, 15 + 2 * (64 + 15 + 6))
+    script = (STATIC / "erasing.js").read_text()
+    assert re.search(r"^\s*import\s", script, re.MULTILINE) is None
+    assert re.search(r"https?://|fetch\(|XMLHttpRequest|WebSocket", script) is None
+    module = widgets.ErasingExplorer._esm
+    assert module.index("function requester(") < module.index("function render(")
+    assert module.rstrip().endswith("export default { render };") and (STATIC / "erasing.css").is_file()
+    if NODE is not None:
+        path = tmp_path / "erasing.mjs"
+        path.write_text(module)
+        subprocess.run([NODE, "--check", str(path)], check=True, capture_output=True, timeout=60)
+
+
+def test_erasing_prompts_and_readings():
+    from lab.tinyworld.judge import Detection, Reading
+    from widgets.erasing import default_preserve, held_out_prompts
+    from widgets.erasing_parts import concept_seen, names_concept, reading_text
+
+    assert held_out_prompts("circle") == ["a red circle", "a large blue circle", "a green square", "a yellow triangle"]
+    assert held_out_prompts("dog") == ["a dog", "a red dog", "a green circle", "a yellow square"]
+    assert default_preserve("dog") == [] and "star" not in default_preserve("star")
+    assert names_concept("a large blue star", "star") and not names_concept("a starfish", "star")
+    star = Detection("star", "red", "striped", 30.0, 20.0, 20.0, mask=np.zeros((1, 1), bool))
+    reading = Reading("plain", [star])
+    assert reading_text(reading) == "large striped red star" and reading_text(Reading("plain", [])) == "nothing"
+    assert concept_seen(reading, "star") and concept_seen(reading, "red") and concept_seen(reading, "striped")
+    assert concept_seen(reading, "circle") is False and concept_seen(reading, "dog") is None
