@@ -75,7 +75,8 @@ METHODS = {
     "esd_x": dict(label="ESD-x", trains=True, changes="the cross-attention layers, fine-tuned"),
     "esd_u": dict(label="ESD-u", trains=True, changes="everything but the cross-attention, fine-tuned"),
 }
-MAX_EDITS = 8  # erasures whose weights are kept (ESD-u's are most of the UNet)
+MAX_EDITS = 8  # erasures whose weights are kept...
+MAX_EDIT_BYTES = 4 * 2**30  # ...and at most this much of them (ESD-u's are most of the UNet: 3.4 GB for SD 1.5)
 MAX_IMAGES = 512
 
 
@@ -144,7 +145,8 @@ class ErasingExplorer(LabWidget):
     # -- what the browser draws (set by Python) ---------------------------------------------------------
     method_info = traitlets.Dict().tag(sync=True)
     # One tile per held-out prompt and seed: {prompt, seed, names (bool), before, after (PNG bytes; b"" before a
-    # run), before_reading, after_reading, before_seen, after_seen (bool or None: the concept read in the image)}
+    # run), before_reading, after_reading, before_seen, after_seen (the concept read in the image; None: not a word
+    # the judge reads), before_asked, after_asked (the prompt's objects drawn as asked; None: it names none)}
     tiles = traitlets.List(traitlets.Dict()).tag(sync=True)
     sent_size = traitlets.List(traitlets.Int(), [0, 0]).tag(sync=True)  # [width, height] of the PNGs
     erase_label = traitlets.Unicode("").tag(sync=True)  # what was erased, how, how long
@@ -184,7 +186,7 @@ class ErasingExplorer(LabWidget):
     start_step = traitlets.Int(0).tag(sync=True)
     slider_prompt = traitlets.Unicode("a red star").tag(sync=True)
     slider_seed = traitlets.Int(1).tag(sync=True)
-    display_size = traitlets.Int(112).tag(sync=True)
+    display_size = traitlets.Int(96).tag(sync=True)
 
     def __init__(
         self,
@@ -223,7 +225,7 @@ class ErasingExplorer(LabWidget):
             pipe = lab.load_pipeline()
             pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
-        self.slider = None  # the lab.sliders.Slider (or folder) in use
+        self.slider = None  # the lab.sliders.Slider in use (a folder passed in is loaded into one)
         self._slider_id = 0  # +1 with every slider loaded or trained: part of the image cache key
         self._edits: OrderedDict[EraseSpec, ErasingResult] = OrderedDict()
         self._images: OrderedDict[ImageKey, dict] = OrderedDict()
@@ -355,8 +357,8 @@ class ErasingExplorer(LabWidget):
     def _follow_concept(self, change) -> None:
         # The defaults follow a new concept: the held-out prompts and UCE's preserved concepts, when they were the
         # old concept's defaults (so "circle" is not erased and preserved at once); what was typed stays.
-        if getattr(self, "_quiet", 1):
-            return
+        if getattr(self, "_quiet", 1) or not change["new"].strip():
+            return  # (a blank concept is refused by Run: the defaults stay for the next one)
         if self.preserve == ", ".join(default_preserve(change["old"])):
             self.preserve = ", ".join(default_preserve(change["new"]))
         if list(self.prompts) == held_out_prompts(change["old"]):
@@ -429,9 +431,12 @@ class ErasingExplorer(LabWidget):
             return  # working() has shown it; the previous result stays on display
         self._edits[spec] = result
         self._edits.move_to_end(spec)
-        while len(self._edits) > MAX_EDITS:
-            self._edits.popitem(last=False)
+        while len(self._edits) > 1 and (len(self._edits) > MAX_EDITS or self._edit_bytes() > MAX_EDIT_BYTES):
+            self._edits.popitem(last=False)  # the oldest; the one on display stays
         self._show(result, from_cache=False)
+
+    def _edit_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for r in self._edits.values() for t in r.tensors.values())
 
     def _erase(self, spec: EraseSpec, after: list[ImageKey], work: Work) -> ErasingResult:
         """Run lab's erasure as a context: the after images and the changed weights are taken inside the block, and
@@ -455,7 +460,7 @@ class ErasingExplorer(LabWidget):
 
     def _generate(self, key: ImageKey, work: Work | None = None) -> dict:
         """One image of the pipeline as it is now (the caller applies the edit or slider), read by the judge."""
-        from lab.tinyworld.judge import read_image
+        from lab.tinyworld.judge import parse_prompt, read_image, score_prompt
 
         self.pipeline_runs += 1
         image = self.pipe(
@@ -466,8 +471,15 @@ class ErasingExplorer(LabWidget):
             callback_on_step_end=work.step if work is not None else None,
         ).images[0]
         array = as_array(image)
-        reading = read_image(array)
-        entry = {"image": array, "png": png_bytes(image), "reading": reading, "text": reading_text(reading)}
+        reading, asked = read_image(array), parse_prompt(key.prompt)
+        entry = {
+            "image": array,
+            "png": png_bytes(image),
+            "reading": reading,
+            "text": reading_text(reading),
+            # the prompt's objects drawn as asked (shape, colour...); None: it names no TinyWorld object to check
+            "asked": score_prompt(asked, array)["all_present"] if asked.objects else None,
+        }
         self._images[key] = entry
         while len(self._images) > MAX_IMAGES:
             self._images.popitem(last=False)
@@ -492,35 +504,27 @@ class ErasingExplorer(LabWidget):
         self._show(None, from_cache=not missing)
 
     def _show(self, result: ErasingResult | None, *, from_cache: bool) -> None:
-        from lab.tinyworld.judge import score_prompt
-
         spec = result.spec if result is not None else None
-        tiles, counts = [], {"named": [0, 0, 0], "other": [0, 0, 0]}  # [n, before, after]
+        concept = spec.concept if spec else self.concept
+        tiles = []
         for prompt, seed in self._shown():
             before = self._images[self._image_key(prompt, seed)]
             after = self._images.get(self._image_key(prompt, seed, spec)) if spec is not None else None
-            names = names_concept(prompt, spec.concept if spec else self.concept)
-            concept = spec.concept if spec else self.concept
-            tile = {
-                "prompt": prompt,
-                "seed": seed,
-                "names": names,
-                "before": before["png"],
-                "after": after["png"] if after else b"",
-                "before_reading": before["text"],
-                "after_reading": after["text"] if after else "",
-                "before_seen": concept_seen(before["reading"], concept),
-                "after_seen": concept_seen(after["reading"], concept) if after else None,
-            }
-            tiles.append(tile)
-            row = counts["named" if names else "other"]
-            row[0] += 1
-            if names:
-                row[1] += bool(tile["before_seen"])
-                row[2] += bool(tile["after_seen"])
-            else:
-                row[1] += score_prompt(prompt, before["image"])["all_present"]
-                row[2] += bool(after) and score_prompt(prompt, after["image"])["all_present"]
+            tiles.append(
+                {
+                    "prompt": prompt,
+                    "seed": seed,
+                    "names": names_concept(prompt, concept),
+                    "before": before["png"],
+                    "after": after["png"] if after else b"",
+                    "before_reading": before["text"],
+                    "after_reading": after["text"] if after else "",
+                    "before_seen": concept_seen(before["reading"], concept),
+                    "after_seen": concept_seen(after["reading"], concept) if after else None,
+                    "before_asked": before["asked"],
+                    "after_asked": after["asked"] if after else None,
+                }
+            )
             if result is not None:
                 result.before[prompt, seed], result.after[prompt, seed] = before["image"], after["image"]
                 result.readings["before", prompt, seed] = before["text"]
@@ -529,7 +533,7 @@ class ErasingExplorer(LabWidget):
         with self.hold_sync():
             self.tiles, self.sent_size = tiles, list(sent)
             self.erase_label = self._erase_label(result)
-            self.summary = self._summary(counts, spec, tiles)
+            self.summary = _summary(tiles, concept) if result is not None else ""
             self.result = result
             self.from_cache = from_cache
             self.cached_note = self._cached_note()
@@ -549,18 +553,6 @@ class ErasingExplorer(LabWidget):
             if losses:
                 how += f", loss {losses[0]:.3g} → {losses[-1]:.3g}"
         return f"{label} erased “{spec.concept}”: {how} · {len(result.tensors)} weights · {result.seconds:.1f} s"
-
-    @staticmethod
-    def _summary(counts: dict, spec: EraseSpec | None, tiles: list[dict]) -> str:
-        named, other = counts["named"], counts["other"]
-        concept = spec.concept if spec else ""
-        seen = [t["before_seen"] for t in tiles if t["names"]]
-        parts = []
-        if named[0] and spec is not None and None not in seen:
-            parts.append(f"naming “{concept}”: the judge reads it in {named[1]} of {named[0]} before, {named[2]} after")
-        if other[0] and spec is not None:
-            parts.append(f"other prompts read as asked: {other[1]} of {other[0]} before, {other[2]} after")
-        return " · ".join(parts)
 
     def _cached_note(self) -> str:
         return f"cached: {len(self._edits)} erasures, {len(self._images)} images"
@@ -733,3 +725,18 @@ def _grid(titles: list[str], rows: list[list[tuple]], size: int) -> Image.Image:
                 picture.paste(image.convert("RGB").resize((size, size), Image.NEAREST), (x, y))
             write(x, y + size + 1, caption, (90, 90, 90))
     return picture
+
+
+def _summary(tiles: list[dict], concept: str) -> str:
+    """The judge's counts, before → after: the concept read in images of prompts naming it (when the judge reads
+    such a word), and the other prompts' objects drawn as asked (those naming TinyWorld objects)."""
+    parts = []
+    naming = [t for t in tiles if t["names"] and t["before_seen"] is not None]
+    if naming:
+        before, after = (sum(bool(t[f"{w}_seen"]) for t in naming) for w in ("before", "after"))
+        parts.append(f"naming “{concept}”: the judge reads it in {before} of {len(naming)} before, {after} after")
+    others = [t for t in tiles if not t["names"] and t["before_asked"] is not None]
+    if others:
+        before, after = (sum(bool(t[f"{w}_asked"]) for t in others) for w in ("before", "after"))
+        parts.append(f"other prompts drawn as asked: {before} of {len(others)} before, {after} after")
+    return " · ".join(parts)

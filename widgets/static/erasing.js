@@ -119,24 +119,29 @@ function render({ model, el }) {
       stage.style.height = `${size}px`;
     }
     for (const element of root.querySelectorAll(".sx-er-figure")) element.style.width = `${size}px`;
+    for (const text of root.querySelectorAll(".sx-er-prompt-text")) text.style.maxWidth = `${size}px`;
+    for (const name of root.querySelectorAll(".sx-er-row-name")) name.style.minHeight = `${size}px`;
   }
 
   function buildGrid() {
     // One column per tile: the prompt (and seed) above, before and after below, each with the judge's reading.
     const tiles = model.get("tiles") || [];
+    // Readings of prompts naming the concept: red while the judge still reads it, blue once it is gone; of the
+    // other prompts: orange when their objects are no longer drawn as asked.
     const columns = tiles.map((tile) => {
       const column = (when) => {
         const seen = tile[`${when}_seen`];
-        const mark = seen === true ? "sx-er-seen" : seen === false ? "sx-er-unseen" : "";
+        let mark = "";
+        if (tile.names && seen !== null) mark = seen ? "sx-er-seen" : "sx-er-unseen";
+        if (!tile.names && tile[`${when}_asked`] === false) mark = "sx-er-not-asked";
         return h("figure", { class: `sx-er-figure sx-er-${when}` },
           h("div", { class: "sx-er-stage" }, h("canvas", { class: `sx-er-canvas sx-er-${when}-image` })),
           h("figcaption", {}, h("div", { class: `sx-er-reading ${mark}` },
             tile[`${when}_reading`] || (when === "after" ? "(not run)" : ""))));
       };
-      const seeds = new Set(tiles.map((t) => t.seed)).size > 1 ? ` · seed ${tile.seed}` : "";
       return h("div", { class: `sx-er-column${tile.names ? " sx-er-names" : ""}` },
-        h("div", { class: "sx-er-prompt", title: tile.names ? "names the concept" : "does not name it" },
-          `${tile.prompt}${seeds}`),
+        h("div", { class: "sx-er-prompt", title: `${tile.prompt}: ${tile.names ? "names" : "does not name"} the concept` },
+          h("div", { class: "sx-er-prompt-text" }, tile.prompt), h("div", { class: "sx-er-seed" }, `seed ${tile.seed}`)),
         column("before"), column("after"));
     });
     grid.replaceChildren(h("div", { class: "sx-er-row-names" }, h("div", { class: "sx-er-prompt" }, ""),
