@@ -3,6 +3,7 @@
     python benchmarks/erasing.py erase   [--methods uce esd-x esd-u] [--concepts star red]
     python benchmarks/erasing.py scaling                 # UCE erasing 1..6 shapes at once
     python benchmarks/erasing.py sliders                 # size and texture sliders, alone and together
+    python benchmarks/erasing.py debias                  # UCE debiasing the size of "a star"
 
 Every part chooses its settings on the validation split and reports the chosen ones on the test split; the
 choice rule reads validation numbers only (written down in the results file with every candidate's validation
@@ -26,12 +27,17 @@ scaling: UCE with the star's chosen settings, erasing the first k of world.SHAPE
   rest: erased share on prompts naming an erased shape, accuracy (relative to unedited) on prompts naming a
   kept one; test split, 8 prompts per shape.
 sliders: size (positive "large", negative "small") and texture ("striped" / "plain"), target "" (every
-  image), rank 4, alpha 1, start_noise 800 (the reference's inference settings); candidates η 4 (reference)
-  or 1, trained on scale +1 only (reference) or ±1 (symmetric). Prompts name shape and colour only ("a red
+  image), rank 4, alpha 1, η 4, start_noise 800 (the reference's settings); candidates: trained on scale +1
+  only (reference) or on ±1 (symmetric). Prompts name shape and colour only ("a red
   star"; for the texture slider every second one "a striped red star"); per prompt and seed, the judge's size (object extent, px) / stripe score (share of the object's
   pixels that are dark ink) at scales −2..2, Spearman against the scale; kept = shape and colour read as at
   scale 0. Chosen by mean validation Spearman among those keeping ≥ 90 %. Independence (test): both sliders
   on a 3 × 3 grid of scales {−2, 0, 2}; each score's Spearman with its own slider's scale and with the other's.
+debias: UCE debiasing (lab.uce_debias) of "a star" over the attributes "a small star" / "a large star" (phrases:
+  the bare words "small" / "large" sit at position 1, where every prompt's first word sits, and moving them moved
+  "a circle" as much as "a star" in a first trial of 4 images), the judge as classifier, "a circle"
+  preserved, desired 50/50 and 80/20; the loop generates on its own seeds (--images per round), the result is
+  measured on --test test seeds, for "a star" and for "a circle".
 Shares come with a 95 % Wilson interval; n is the number of images each rests on. Wall time and the machine's
 load average are recorded with every training (2 CPU cores shared with other work unless said otherwise).
 """
@@ -358,6 +364,76 @@ def plot_scaling(rows: list[dict]) -> None:
     fig.savefig(RESULTS / "erasing_scaling.png", dpi=120)
 
 
+# ---------------------------------------------------------------------------------------------- debias
+
+
+def size_of(shape: str, named: bool = False):
+    """The judge as UCE's attribute classifier: the size label of the largest `shape` found, else None;
+    named: the label as the attribute prompt "a small star" instead of "small"."""
+
+    def classify(image) -> str | None:
+        found = [d for d in read_image(np.asarray(image)).objects if d.shape == shape]
+        label = max(found, key=lambda d: d.mask.sum()).size_label if found else None
+        return f"a {label} {shape}" if named and label else label
+
+    return classify
+
+
+def size_shares(pipe, prompt: str, shape: str, seeds: range) -> dict:
+    labels = [size_of(shape)(im) for im in generate(pipe, [(prompt, s) for s in seeds])]
+    return {label: round(labels.count(label) / len(labels), 4) for label in ("small", "large", None)} | {
+        "n": len(labels)
+    }
+
+
+def run_debias(args) -> None:
+    pipe = lab.load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    loop_seed, test = SEEDS["validation"] + 300_000, range(SEEDS["test"] + 300_000, SEEDS["test"] + 300_000 + args.test)
+    rows = []
+    base = {p: size_shares(pipe, f"a {p}", p, test) for p in ("star", "circle")}
+    for desired in ([0.5, 0.5], [0.8, 0.2]):
+        started, load = time.perf_counter(), os.getloadavg()[0]
+        attributes = ["a small star", "a large star"]  # phrases: their last token is "star" having read the size
+        edit = lab.uce_debias.debias(pipe, ["a star"], attributes, size_of("star", named=True), desired=desired,
+                                     preserve=["a circle"], images=args.images, seed=loop_seed,
+                                     num_inference_steps=STEPS, guidance_scale=GUIDANCE)  # fmt: skip
+        with edit:
+            seconds = time.perf_counter() - started
+            after = {p: size_shares(pipe, f"a {p}", p, test) for p in ("star", "circle")}
+        rows.append({"desired_small_large": desired, "rounds": len(edit.history), "converged": edit.converged,
+                     "alphas": edit.alphas.tolist(), "loop_history": [h.tolist() for h in edit.history],
+                     "test_after": after, "seconds": round(seconds, 1), "load_average_at_start": round(load, 2)})  # fmt: skip
+        print(rows[-1], flush=True)
+    data = {
+        "machine": machine(),
+        "images_per_round": args.images,
+        "test_images": len(test),
+        "unedited": base,
+        "rows": rows,
+    }
+    lines = [
+        '# UCE debiasing on TinyWorld: the size of "a star"',
+        "",
+        f"lab.uce_debias with the judge as classifier (size label of the star found; none found counts in the "
+        f'denominator), attributes small / large, "a circle" preserved; {args.images} images per round on loop '
+        f"seeds, then the edit measured on {len(test)} test seeds it never saw. Written by benchmarks/erasing.py "
+        f"debias, {data['machine']['date']}.",
+        "",
+        '| desired small / large | rounds (converged) | "a star" small / large / no star (test) | '
+        '"a circle" small / large / none (test) | time (load) |',
+        "|---|---|---|---|---|",
+        f"| unedited | – | {base['star']['small']:.2f} / {base['star']['large']:.2f} / {base['star'][None]:.2f} | "
+        f"{base['circle']['small']:.2f} / {base['circle']['large']:.2f} / {base['circle'][None]:.2f} | – |",
+    ]
+    for r in rows:
+        st, ci = r["test_after"]["star"], r["test_after"]["circle"]
+        lines.append(f"| {r['desired_small_large']} | {r['rounds']} ({r['converged']}) | {st['small']:.2f} / "
+                     f"{st['large']:.2f} / {st[None]:.2f} | {ci['small']:.2f} / {ci['large']:.2f} / {ci[None]:.2f} | "
+                     f"{r['seconds']:.0f} s ({r['load_average_at_start']}) |")  # fmt: skip
+    write("erasing_debias", data, lines)
+
+
 # ---------------------------------------------------------------------------------------------- sliders
 
 SLIDERS = {"size": ("large", "small"), "texture": ("striped", "plain")}
@@ -431,7 +507,7 @@ def run_sliders(args) -> None:
     key = {"size": "size", "texture": "stripes"}
     for name, (positive, negative) in SLIDERS.items():
         rows = data["sliders"].get(name, {}).get("candidates", [])
-        for eta, symmetric in ((4.0, False), (4.0, True), (1.0, False)):
+        for eta, symmetric in ((4.0, False), (4.0, True)):
             settings = {"eta": eta, "symmetric": symmetric, "iterations": args.iterations}
             if settings in [r["settings"] for r in rows]:
                 continue
@@ -524,13 +600,14 @@ def plot_sliders(chosen: dict) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("part", choices=("erase", "scaling", "sliders", "report"))
+    p.add_argument("part", choices=("erase", "scaling", "sliders", "debias", "report"))
     p.add_argument("--methods", nargs="+", default=["uce", "esd-x", "esd-u"])
     p.add_argument("--concepts", nargs="+", default=["star", "red"])
     p.add_argument("--iterations", type=int, default=None, help="ESD: 400, sliders: 300")
     p.add_argument("--validation", type=int, default=24, help="prompts in the validation split")
     p.add_argument("--test", type=int, default=48, help="prompts in the test split")
     p.add_argument("--per-shape", type=int, default=8)
+    p.add_argument("--images", type=int, default=10, help="debias: images per concept and round (the reference's)")
     p.add_argument("--slider-dir", default="runs/sliders")
     p.add_argument("--resume", action="store_true", help="keep the candidates already in the results file")
     p.add_argument("--threads", type=int, default=1)
@@ -542,6 +619,8 @@ def main(argv=None) -> None:
         run_erase(args)
     elif args.part == "scaling":
         run_scaling(args)
+    elif args.part == "debias":
+        run_debias(args)
     elif args.part == "sliders":
         args.iterations = args.iterations or 300
         run_sliders(args)

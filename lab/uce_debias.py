@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -85,7 +86,8 @@ def debias(
     **pipe_kwargs,
 ) -> Debiasing:
     """Debias `concepts` (prompts, e.g. ["doctor"]) over `attributes` (e.g. ["male", "female"]) toward `desired`
-    proportions (default: equal), with `classify(image) -> attribute or None` reading each generated image.
+    proportions (default: equal), with `classify(image) -> attribute or None` reading each generated image (what
+    the pipeline returns: PIL by default).
 
     Returns the edit, applied: use it in `with` (restored on exit) or keep it (persistent=True / edit.keep()).
     pipe_kwargs go to every generation (num_inference_steps, guidance_scale, height, ...)."""
@@ -153,4 +155,10 @@ def _proportions(pipe, concept, attributes, classify, images, seed, pipe_kwargs)
     wrong = [label for label in labels if label is not None and label not in attributes]
     if wrong:
         raise ValueError(f"classify returned {wrong[0]!r}, which is not one of {attributes} (or None)")
+    if all(label is None for label in labels):
+        warnings.warn(
+            f"classify answered None for all {len(labels)} images of {concept!r}: every proportion reads 0. It gets "
+            f"what the pipeline returns ({type(out[0]).__name__}; output_type='np' gives floats in [0, 1])",
+            stacklevel=3,
+        )
     return [labels.count(a) / len(labels) for a in attributes]

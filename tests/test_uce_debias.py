@@ -84,3 +84,8 @@ def test_bad_input_is_refused_before_anything_changes(sd1, kwargs, error, messag
     with pytest.raises(error, match=message):
         uce_debias.debias(sd1, args.pop("concepts"), args.pop("attributes"), args.pop("classify"), **args, **FAST)
     assert_same(sd1, before)
+
+
+def test_a_classifier_that_never_answers_is_warned_about(sd1):
+    with pytest.warns(UserWarning, match="None for all 2 images"):
+        uce_debias.debias(sd1, "doctor", ["male", "female"], always(None), rounds=1, **FAST).restore()
