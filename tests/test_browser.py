@@ -9,7 +9,10 @@ the source image (the matched points on the targets must move, the heat maps red
 features at another timestep. And the guidance notebook (03): run all cells, choose methods with the buttons,
 move the scale to a new value (computed) and back (redrawn from the kernel's cache without a pipeline run),
 scrub the steps, pick a FreeU merge site, and type a subject that is not in the prompt (the message line says
-so). Screenshots, the server log and the measured redraw times go to
+so). The erasing notebook (04): run all cells, choose the method with the buttons, erase another concept with
+UCE (computed) and come back to "star" (the kernel's cache), drag the slider's scale to a new value and back
+(cached), move its start step, and run an empty concept (lab's message). Screenshots, the server log and the
+measured redraw times go to
 artifacts/browser/ (gitignored); benchmarks/results/widget_redraw.md reports the explorer's numbers.
 
     pytest -m browser tests/test_browser.py -s
@@ -860,5 +863,138 @@ def test_editing_notebook_runs_and_the_explorer_redraws(jupyterlab):
             (ARTIFACTS / "editing_console.log").write_text("\n".join(console))
             context.close()
     print("\nediting explorer redraws (ms):", timings)
+    assert requests_out == [], f"the page fetched from outside the local server: {requests_out[:5]}"
+    assert max(timings["cache"]) < REDRAW_SANITY_BOUND_MS
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The erasing notebook: run it, choose UCE, erase another concept and come back to one cached, drag the slider
+# ---------------------------------------------------------------------------------------------------------
+
+BEFORE_IMAGES = """element => [...element.querySelectorAll("canvas.sx-er-before-image")].map((c) => c.toDataURL())"""
+AFTER_IMAGES = """element => [...element.querySelectorAll("canvas.sx-er-after-image")].map((c) => c.toDataURL())"""
+SLIDER_IMAGE = """element => element.querySelector("canvas.sx-er-slider-image").toDataURL("image/png")"""
+
+
+def test_erasing_notebook_runs_and_the_explorer_redraws(jupyterlab):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    timings = {"kernel": [], "cache": [], "local": []}
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(jupyterlab.folder.parent / "chromium-profile-erasing"),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1400, "height": 1100},
+        )
+        page = context.new_page()
+        console = []
+        page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
+        requests_out = []
+        page.on(
+            "request",
+            lambda request: (
+                requests_out.append(request.url)
+                if not request.url.startswith((jupyterlab.url, "data:", "blob:"))
+                else None
+            ),
+        )
+        name = "04_erasing_and_sliders.ipynb"
+        try:
+            page.set_default_timeout(STEP_ACTION_MS)
+            page.goto(f"{jupyterlab.url}/lab/workspaces/erasing/tree/{name}?token={jupyterlab.token}")
+            page.wait_for_function(
+                "name => { const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
+                " return Boolean(panel && panel.context && panel.context.path === name); }",
+                arg=name,
+                timeout=KERNEL_READY_MS,
+            )
+            page.wait_for_function(KERNEL_IDLE, timeout=KERNEL_READY_MS)
+            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            page.wait_for_function(
+                f"() => (({ALL_CELLS_RUN})() || ({NOTEBOOK_ERRORS})().length > 0) && ({KERNEL_IDLE})()",
+                timeout=RUN_ALL_MS,
+                polling=500,
+            )
+            assert page.evaluate(NOTEBOOK_ERRORS) == []
+
+            widget = page.locator(".sdlab-erasing").first
+            widget.scroll_into_view_if_needed()
+            page.wait_for_function(
+                "element => Number(element.dataset.drawnVersion || 0) > 0 && Number(element.dataset.sliderDrawn || 0) > 0",
+                arg=widget.element_handle(),
+            )
+            # The notebook's explorer opens on UCE erasing "star": before and after, the judge's reading under each.
+            assert "UCE erased “star”" in widget.locator(".sx-er-erase-label").inner_text()
+            before, after = widget.evaluate(BEFORE_IMAGES), widget.evaluate(AFTER_IMAGES)
+            assert len(before) == len(after) == 8  # four held-out prompts, two seeds
+            assert any(a != b for a, b in zip(after, before)), "erasing 'star' changed no image"
+            assert widget.locator(".sx-er-reading").count() == 2 * 8 + 2  # and the slider's two images
+            widget.screenshot(path=str(ARTIFACTS / "erasing_initial.png"))
+
+            def act(action, kind: str) -> None:
+                before = _redraw_count(widget)
+                action()
+                redraw = _wait_for_redraw(page, widget, before)
+                page.wait_for_function("element => !element.classList.contains('sx-busy')", arg=widget.element_handle())
+                assert redraw["kind"] == kind, f"expected a {kind} redraw, got {redraw}"
+                timings[kind].append(redraw["ms"])
+
+            # The method buttons: ESD shows its training settings, UCE its preserved concepts; pick UCE.
+            widget.locator("button.sx-er-method[data-method='esd_u']").click()
+            assert widget.locator("input.sx-er-iterations").is_visible()
+            assert not widget.locator("input.sx-er-preserve").is_visible()
+            widget.locator("button.sx-er-method[data-method='uce']").click()
+            assert widget.locator("button.sx-er-method[data-method='uce']").get_attribute("aria-checked") == "true"
+            assert widget.locator("input.sx-er-preserve").is_visible()
+
+            # Another concept, Run: erased in the kernel, its own held-out prompts before and after.
+            runs = _pipeline_runs(widget)
+            widget.locator("input.sx-er-concept").fill("circle")
+            act(lambda: widget.locator("button.sx-er-run").click(), "kernel")
+            assert "UCE erased “circle”" in widget.locator(".sx-er-erase-label").inner_text()
+            assert "a red circle" in widget.locator(".sx-er-grid").inner_text()
+            assert _pipeline_runs(widget) > runs
+            circle_after = widget.evaluate(AFTER_IMAGES)
+            assert circle_after != after and any(a != b for a, b in zip(circle_after, widget.evaluate(BEFORE_IMAGES)))
+            widget.screenshot(path=str(ARTIFACTS / "erasing_circle.png"))
+            # Back to "star": from the kernel's cache, no pipeline run, the same images.
+            runs = _pipeline_runs(widget)
+            widget.locator("input.sx-er-concept").fill("star")
+            act(lambda: widget.locator("input.sx-er-concept").press("Enter"), "cache")
+            assert _pipeline_runs(widget) == runs, "a computed erasure ran the model again"
+            assert widget.evaluate(AFTER_IMAGES) == after, "the cached erasure did not bring its images back"
+
+            # The slider: a new scale is computed; one already seen comes from the kernel's cache.
+            scale = widget.locator("input.sx-er-scale")
+            first = widget.evaluate(SLIDER_IMAGE)
+            act(lambda: _set_slider(scale, -4), "kernel")
+            assert widget.evaluate(SLIDER_IMAGE) != first, "scale -4 drew the same image"
+            runs = _pipeline_runs(widget)
+            act(lambda: _set_slider(scale, 2), "cache")
+            assert _pipeline_runs(widget) == runs and widget.evaluate(SLIDER_IMAGE) == first
+            act(lambda: _set_slider(widget.locator("input.sx-er-start"), 5), "kernel")
+            assert "from step 5" in widget.locator(".sx-er-gallery").inner_text()
+            widget.screenshot(path=str(ARTIFACTS / "erasing_slider.png"))
+
+            # An empty concept: lab's message in the message line; the images stay.
+            shown = widget.evaluate(AFTER_IMAGES)
+            widget.locator("input.sx-er-concept").fill("")
+            widget.locator("button.sx-er-run").click()
+            page.wait_for_function(
+                "element => element.querySelector('.sx-message').textContent.includes('empty concept')",
+                arg=widget.element_handle(),
+            )
+            assert widget.locator(".sx-message").inner_text().startswith("UCE failed")
+            assert widget.evaluate(AFTER_IMAGES) == shown
+            widget.screenshot(path=str(ARTIFACTS / "erasing_error.png"))
+        finally:
+            try:
+                page.screenshot(path=str(ARTIFACTS / "erasing_last_page.png"))
+            except Exception:
+                pass
+            (ARTIFACTS / "erasing_console.log").write_text("\n".join(console))
+            context.close()
+    print("\nerasing explorer redraws (ms):", timings)
     assert requests_out == [], f"the page fetched from outside the local server: {requests_out[:5]}"
     assert max(timings["cache"]) < REDRAW_SANITY_BOUND_MS

@@ -14,7 +14,14 @@ import lab.cli
 import lab.pipelines
 from lab import launcher
 
-NOTEBOOKS = ["00_tour", "01_attribution", "02_inversion_and_editing", "03_guidance", "05_correspondence"]
+NOTEBOOKS = [
+    "00_tour",
+    "01_attribution",
+    "02_inversion_and_editing",
+    "03_guidance",
+    "04_erasing_and_sliders",
+    "05_correspondence",
+]
 needs_model = pytest.mark.skipif(
     not (lab.pipelines.EMBEDDED_MODEL / "model_index.json").exists(),
     reason="the embedded TinyWorld model is not in lab/models/tinyworld-sd",
