@@ -27,11 +27,13 @@ scaling: UCE with the star's chosen settings, erasing the first k of world.SHAPE
   rest: erased share on prompts naming an erased shape, accuracy (relative to unedited) on prompts naming a
   kept one; test split, 8 prompts per shape.
 sliders: size (positive "large", negative "small") and texture ("striped" / "plain"), target "" (every
-  image), rank 4, alpha 1, η 4, start_noise 800 (the reference's settings); candidates: trained on scale +1
-  only (reference) or on ±1 (symmetric). Prompts name shape and colour only ("a red
+  image), rank 4, alpha 1, η 4 (the reference's settings); candidates: trained on scale +1 only (reference) or
+  on ±1 (symmetric), each applied from t = 800 on (the reference's start_noise) or at every step (TinyWorld decides
+  an object's size in its noisiest steps). Prompts name shape and colour only ("a red
   star"; for the texture slider every second one "a striped red star"); per prompt and seed, the judge's size (object extent, px) / stripe score (share of the object's
   pixels that are dark ink) at scales −2..2, Spearman against the scale; kept = shape and colour read as at
-  scale 0. Chosen by mean validation Spearman among those keeping ≥ 90 %. Independence (test): both sliders
+  scale 0. Chosen by mean validation Spearman among those keeping ≥ 90 %; the test split is read
+  for the chosen one only. Independence (test): both sliders
   on a 3 × 3 grid of scales {−2, 0, 2}; each score's Spearman with its own slider's scale and with the other's.
 debias: UCE debiasing (lab.uce_debias) of "a star" over the attributes "a small star" / "a large star" (phrases:
   the bare words "small" / "large" sit at position 1, where every prompt's first word sits, and moving them moved
@@ -464,11 +466,11 @@ def object_reading(prompt: str, image: np.ndarray) -> dict | None:
     return {"shape": d.shape, "color": d.color, "size": float(d.size), "stripes": ink}
 
 
-def slider_series(pipe, items, sliders, scales_grid) -> list[list[dict | None]]:
+def slider_series(pipe, items, sliders, scales_grid, start_noise=800) -> list[list[dict | None]]:
     """Per (prompt, seed): the readings at each scale combination of scales_grid."""
     out = [[] for _ in items]
     for scales in scales_grid:
-        with lab.sliders.apply(pipe, sliders, list(scales), start_noise=800):
+        with lab.sliders.apply(pipe, sliders, list(scales), start_noise=start_noise):
             images = generate(pipe, items)
         for i, ((p, _), im) in enumerate(zip(items, images)):
             out[i].append(object_reading(p, im))
@@ -496,6 +498,24 @@ def series_scores(series, scales, key: str, zero_index: int) -> dict:
             "kept": share(kept), "median_per_scale": [round(m, 4) for m in medians]}  # fmt: skip
 
 
+def trained_slider(pipe, folder: Path, name: str, eta: float, symmetric: bool, iterations: int) -> tuple[Path, dict]:
+    """The slider's folder, trained now unless a finished one with these settings is there (a rerun reuses it)."""
+    positive, negative = SLIDERS[name]
+    path = folder / f"{name}_eta{eta:g}_{'sym' if symmetric else 'plus'}"
+    if (path / "slider.json").exists():
+        done = json.loads((path / "slider.json").read_text())
+        if (done["settings"]["iterations"], done["settings"]["symmetric"]) == (iterations, symmetric):
+            return path, done.get("timing", {})
+    started, load = time.perf_counter(), os.getloadavg()[0]
+    slider = lab.sliders.train(pipe, target="", positive=positive, negative=negative, eta=eta, symmetric=symmetric,
+                               iterations=iterations)  # fmt: skip
+    timing = {"seconds": round(time.perf_counter() - started, 1), "load_average_at_start": round(load, 2)}
+    slider.save(path)
+    info = json.loads((path / "slider.json").read_text()) | {"timing": timing}
+    (path / "slider.json").write_text(json.dumps(info))
+    return path, timing
+
+
 def run_sliders(args) -> None:
     pipe = lab.load_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -505,33 +525,47 @@ def run_sliders(args) -> None:
     data.update({"machine": machine(), "scales": SCALES, "iterations": args.iterations})
     prompts = {n: {s: slider_prompts(s, args.n[s], n == "texture") for s in ("validation", "test")} for n in SLIDERS}
     key = {"size": "size", "texture": "stripes"}
-    for name, (positive, negative) in SLIDERS.items():
+    for name in SLIDERS:
         rows = data["sliders"].get(name, {}).get("candidates", [])
-        for eta, symmetric in ((4.0, False), (4.0, True)):
-            settings = {"eta": eta, "symmetric": symmetric, "iterations": args.iterations}
-            if settings in [r["settings"] for r in rows]:
+        for r in rows:
+            r["settings"].setdefault("start_noise", 800)  # rows written before start_noise was a candidate
+        for trained in args.sliders_trained:
+            if not trained.startswith(name + ":"):
                 continue
-            started, load = time.perf_counter(), os.getloadavg()[0]
-            slider = lab.sliders.train(pipe, target="", positive=positive, negative=negative, eta=eta,
-                                       symmetric=symmetric, iterations=args.iterations)  # fmt: skip
-            row = {"settings": settings, "timing": {"seconds": round(time.perf_counter() - started, 1),
-                                                    "load_average_at_start": round(load, 2)}}  # fmt: skip
-            path = slider.save(folder / f"{name}_eta{eta:g}_{'sym' if symmetric else 'plus'}")
-            row["folder"] = str(path)
-            for split in ("validation", "test"):
-                series = slider_series(pipe, prompts[name][split], [path], [(s,) for s in SCALES])
-                row[split] = series_scores(series, SCALES, key[name], SCALES.index(0.0))
-            rows.append(row)
-            print(name, settings, row["validation"], flush=True)
-            data["sliders"][name] = {"candidates": rows}
-            out_file.write_text(json.dumps(data, indent=1) + "\n")
+            symmetric = trained.endswith(":sym")
+            for start_noise in (800, None):
+                settings = {
+                    "eta": 4.0,
+                    "symmetric": symmetric,
+                    "iterations": args.iterations,
+                    "start_noise": start_noise,
+                }
+                if settings in [r["settings"] for r in rows]:
+                    continue
+                path, timing = trained_slider(pipe, folder, name, 4.0, symmetric, args.iterations)
+                row = {"settings": settings, "timing": timing, "folder": str(path)}
+                series = slider_series(pipe, prompts[name]["validation"], [path], [(s,) for s in SCALES], start_noise)
+                row["validation"] = series_scores(series, SCALES, key[name], SCALES.index(0.0))
+                rows.append(row)
+                print(name, settings, row["validation"], flush=True)
+                data["sliders"][name] = {"candidates": rows}
+                out_file.write_text(json.dumps(data, indent=1) + "\n")
         keeping = [r for r in rows if r["validation"]["kept"]["share"] >= KEEP_TARGET] or rows
-        data["sliders"][name]["chosen"] = max(keeping, key=lambda r: r["validation"]["spearman_mean"] or -1)["settings"]
+        best = max(keeping, key=lambda r: r["validation"]["spearman_mean"] or -1)
+        data["sliders"][name]["chosen"] = best["settings"]
+        if "test" not in best:  # the test split is read for the chosen candidate only
+            series = slider_series(pipe, prompts[name]["test"], [best["folder"]], [(s,) for s in SCALES],
+                                   best["settings"]["start_noise"])  # fmt: skip
+            best["test"] = series_scores(series, SCALES, key[name], SCALES.index(0.0))
+        out_file.write_text(json.dumps(data, indent=1) + "\n")
     chosen = {n: next(r for r in data["sliders"][n]["candidates"] if r["settings"] == data["sliders"][n]["chosen"])
               for n in SLIDERS}  # fmt: skip
     grid = [(a, b) for a in (-2.0, 0.0, 2.0) for b in (-2.0, 0.0, 2.0)]
     both = [chosen["size"]["folder"], chosen["texture"]["folder"]]
-    series = slider_series(pipe, prompts["texture"]["test"], both, grid)
+    starts = {chosen[n]["settings"]["start_noise"] for n in SLIDERS}
+    start_noise = 800 if 800 in starts else None  # one switch for both: the reference's when either uses it
+    series = slider_series(pipe, prompts["texture"]["test"], both, grid, start_noise)
+    data["independence_start_noise"] = start_noise
     independence = {}
     for score, own, other in (("size", 0, 1), ("stripes", 1, 0)):
         rho_own, rho_other = [], []
@@ -554,7 +588,7 @@ def sliders_markdown(data: dict, chosen: dict) -> list[str]:
         "# Concept Sliders on TinyWorld (test split; settings chosen on validation)",
         "",
         f"Written by benchmarks/erasing.py sliders, {data['machine']['date']}, {data['iterations']} iterations per "
-        "slider (the reference trains 1000), rank 4, alpha 1, start_noise 800. Spearman: per prompt and seed, the "
+        "slider (the reference trains 1000), rank 4, alpha 1, η 4. Spearman: per prompt and seed, the "
         "judge's score against the scale −2..2 (target mean ≥ 0.9); kept: shape and colour read as at scale 0 "
         "(target ≥ 90 %).",
         "",
@@ -566,8 +600,8 @@ def sliders_markdown(data: dict, chosen: dict) -> list[str]:
         t = row["test"]
         s = ", ".join(f"{k}={v}" for k, v in row["settings"].items())
         lines.append(f"| {name} | {s} | {t['spearman_mean']} ({t['spearman_n']}) | {t['share_spearman_ge_0.9']} | "
-                     f"{fmt(t['kept'])} | {t['median_per_scale']} | {row['timing']['seconds']:.0f} s "
-                     f"({row['timing']['load_average_at_start']}) |")  # fmt: skip
+                     f"{fmt(t['kept'])} | {t['median_per_scale']} | {row['timing'].get('seconds', float('nan')):.0f} s "
+                     f"({row['timing'].get('load_average_at_start', '–')}) |")  # fmt: skip
     lines += ["", "Both sliders at once, scales {−2, 0, 2}² (test): mean Spearman of each score with each slider's scale.",
               "", "| score | with its own slider | with the other slider | n |", "|---|---|---|---|"]  # fmt: skip
     for score, r in data["independence"].items():
@@ -609,6 +643,12 @@ def main(argv=None) -> None:
     p.add_argument("--per-shape", type=int, default=8)
     p.add_argument("--images", type=int, default=10, help="debias: images per concept and round (the reference's)")
     p.add_argument("--slider-dir", default="runs/sliders")
+    p.add_argument(
+        "--sliders-trained",
+        nargs="+",
+        default=["size:plus", "size:sym", "texture:plus", "texture:sym"],
+        help="which sliders to train: name:plus (scale +1, the reference) or name:sym (+1 and -1)",
+    )
     p.add_argument("--resume", action="store_true", help="keep the candidates already in the results file")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
