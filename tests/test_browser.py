@@ -20,6 +20,7 @@ artifacts/browser/ (gitignored); benchmarks/results/widget_redraw.md reports the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -226,17 +227,70 @@ def _set_slider(slider, value) -> None:
     )
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The test
-# ---------------------------------------------------------------------------------------------------------
+def _redraw_after(page, widget, action, kind: str) -> float:
+    """Do something, wait for the redraw it brings and for the widget to be idle, check the redraw's kind
+    ("kernel", "cache" or "local"). Its time in ms."""
+    before = _redraw_count(widget)
+    action()
+    redraw = _wait_for_redraw(page, widget, before)
+    page.wait_for_function("element => !element.classList.contains('sx-busy')", arg=widget.element_handle())
+    assert redraw["kind"] == kind, f"expected a {kind} redraw, got {redraw}"
+    return redraw["ms"]
 
 
-def test_tour_runs_and_the_explorer_redraws(jupyterlab):
+def _message_with(page, widget, text: str) -> str:
+    """Wait until the widget's message line says `text`; the message."""
+    page.wait_for_function(
+        "([element, text]) => element.querySelector('.sx-message').textContent.includes(text)",
+        arg=[widget.element_handle(), text],
+    )
+    return widget.locator(".sx-message").inner_text()
+
+
+def _watch_busy(page, widget, progress: str) -> None:
+    """From now on, record in the page whether the widget was seen busy with its controls disabled
+    (window.__sdlabSawBusy) and each progress it showed (window.__sdlabProgress, in order, once each).
+    `progress`: a JavaScript expression reading the progress from `element`, the widget (falsy for none)."""
+    watch = """element => {
+        window.__sdlabSawBusy = false;
+        window.__sdlabProgress = [];
+        new MutationObserver(() => {
+            const disabled = element.querySelector("fieldset").disabled;
+            if (element.classList.contains("sx-busy") && disabled) window.__sdlabSawBusy = true;
+            const value = PROGRESS;
+            if (value && !window.__sdlabProgress.includes(value)) window.__sdlabProgress.push(value);
+        }).observe(element, {attributes: true, subtree: true, childList: true, characterData: true});
+    }"""
+    page.evaluate(watch.replace("PROGRESS", progress), widget.element_handle())
+
+
+NOTEBOOK_OPEN = """name => {
+    const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+    return Boolean(panel && panel.context && panel.context.path === name);
+}"""
+
+
+@dataclass
+class NotebookPage:
+    page: sync_api.Page
+    requests_out: list[str]  # what the page fetched from anywhere but the lab's server
+    run_all_seconds: float
+
+    def check_nothing_fetched_outside(self) -> None:
+        assert self.requests_out == [], f"the page fetched from outside the local server: {self.requests_out[:5]}"
+
+
+@contextlib.contextmanager
+def _notebook_run(jupyterlab: Lab, notebook: str, label: str, *, workspace: str | None = None):
+    """A fresh headless Chromium on `notebook` in JupyterLab, all its cells run without an error; the page.
+
+    `workspace`: a JupyterLab workspace of the test's own (the default one would reopen the tab of the test
+    before). `label` names the Chromium profile and what is left in artifacts/browser/ however the test ends:
+    {label}_last_page.png and {label}_console.log."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    timings = {"kernel_ms": [], "kernel_ms_by_control": {}, "local_ms": [], "playwright_round_trip_ms": []}
     with sync_api.sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            str(jupyterlab.folder.parent / "chromium-profile"),
+            str(jupyterlab.folder.parent / f"chromium-profile-{label}"),
             executable_path=str(CHROMIUM),
             headless=True,
             args=CHROMIUM_FLAGS,
@@ -256,144 +310,145 @@ def test_tour_runs_and_the_explorer_redraws(jupyterlab):
         )
         try:
             page.set_default_timeout(STEP_ACTION_MS)
-            page.goto(f"{jupyterlab.url}/lab/tree/00_tour.ipynb?token={jupyterlab.token}")
+            tree = f"workspaces/{workspace}/tree" if workspace else "tree"
+            page.goto(f"{jupyterlab.url}/lab/{tree}/{notebook}?token={jupyterlab.token}")
+            page.wait_for_function(NOTEBOOK_OPEN, arg=notebook, timeout=KERNEL_READY_MS)
             page.wait_for_function(KERNEL_IDLE, timeout=KERNEL_READY_MS)
-
-            # Run the whole tour as a user would with Run > Run All Cells.
             started = time.perf_counter()
             page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            page.wait_for_function(f"() => ({ALL_CELLS_RUN})() && ({KERNEL_IDLE})()", timeout=RUN_ALL_MS, polling=500)
+            # Done when every cell ran, or when one failed (run-all stops there): its error is the assertion's.
+            page.wait_for_function(
+                f"() => (({ALL_CELLS_RUN})() || ({NOTEBOOK_ERRORS})().length > 0) && ({KERNEL_IDLE})()",
+                timeout=RUN_ALL_MS,
+                polling=500,
+            )
             run_all_seconds = time.perf_counter() - started
             assert page.evaluate(NOTEBOOK_ERRORS) == []
-
-            explorer = page.locator(".sdlab-explorer").first
-            explorer.scroll_into_view_if_needed()
-            overlay = explorer.locator("canvas.sx-overlay")
-            mask = explorer.locator("canvas.sx-mask")
-            page.wait_for_function(
-                "element => Number(element.dataset.heatVersion || 0) > 0", arg=explorer.element_handle()
-            )
-            page.screenshot(path=str(ARTIFACTS / "tour_after_run_all.png"))
-            explorer.screenshot(path=str(ARTIFACTS / "explorer_initial.png"))
-            assert "circle" in explorer.locator(".sx-chip.sx-selected").inner_text()
-
-            # A word: a click on a chip asks the kernel for that word's map.
-            before, picture = _redraw_count(explorer), _pixels(overlay)
-            explorer.locator(".sx-chip", has_text="square").click()
-            redraw = _wait_for_redraw(page, explorer, before)
-            assert redraw["kind"] == "kernel"
-            assert _pixels(overlay) != picture, "picking another word did not change the picture"
-            assert "square" in explorer.locator(".sx-heat-label").inner_text()
-            explorer.screenshot(path=str(ARTIFACTS / "explorer_word_square.png"))
-
-            def press_and_time(slider, keys: list[str], control: str) -> None:
-                """Move a slider with the keyboard, as a user can; every position must redraw a new picture."""
-                slider.focus()
-                for key in keys:
-                    before, picture = _redraw_count(explorer), _pixels(overlay)
-                    pressed = time.perf_counter()
-                    page.keyboard.press(key)
-                    redraw = _wait_for_redraw(page, explorer, before)
-                    timings["playwright_round_trip_ms"].append((time.perf_counter() - pressed) * 1000)
-                    assert redraw["kind"] == "kernel"
-                    timings["kernel_ms"].append(redraw["ms"])
-                    timings["kernel_ms_by_control"].setdefault(control, []).append(redraw["ms"])
-                    assert _pixels(overlay) != picture, f"{control} moved ({key}) but the picture did not change"
-
-            # The step range: the end handle to the last step, one step at a time down to step 0, and back.
-            step_to = explorer.locator("input.sx-step-to")
-            last_step = int(step_to.get_attribute("max"))
-            if int(step_to.input_value()) < last_step:
-                press_and_time(step_to, ["End"], "steps")
-            press_and_time(step_to, ["ArrowLeft"] * last_step, "steps")
-            assert "steps 0–0" in explorer.locator(".sx-heat-label").inner_text()
-            explorer.screenshot(path=str(ARTIFACTS / "explorer_first_step_only.png"))
-            press_and_time(step_to, ["ArrowRight"] * last_step, "steps")
-
-            # Layers: all -> each resolution (16x16, 8x8, 4x4 on TinyWorld) and back; heads: all -> each head and back.
-            # (The slider's groups are "all", the resolutions fine to coarse, then down / mid / up, which can hold
-            # the same layers as a resolution: only the resolutions are sure to give different pictures.)
-            groups = explorer.locator("input.sx-group").get_attribute("data-groups").split()
-            resolutions = sum(1 for name in groups if re.fullmatch(r"\d+x\d+", name))
-            there_and_back = ["ArrowRight"] * resolutions + ["ArrowLeft"] * resolutions
-            press_and_time(explorer.locator("input.sx-group"), there_and_back, "layers")
-            heads = int(explorer.locator("input.sx-head").get_attribute("max")) + 1
-            press_and_time(explorer.locator("input.sx-head"), ["ArrowRight"] * heads + ["ArrowLeft"] * heads, "head")
-
-            # The threshold: redrawn in the browser alone (no kernel), mask and overlay.
-            before, mask_picture = _redraw_count(explorer), _pixels(mask)
-            _set_slider(explorer.locator("input.sx-threshold"), 0.8)
-            redraw = _wait_for_redraw(page, explorer, before)
-            assert redraw["kind"] == "local"
-            timings["local_ms"].append(redraw["ms"])
-            assert _pixels(mask) != mask_picture, "moving the threshold did not change the mask"
-            before, picture = _redraw_count(explorer), _pixels(overlay)
-            explorer.locator("input.sx-show-mask").check()
-            _wait_for_redraw(page, explorer, before)
-            assert _pixels(overlay) != picture, "showing the mask on the image did not change the picture"
-            explorer.screenshot(path=str(ARTIFACTS / "explorer_threshold_mask.png"))
-            explorer.locator("input.sx-show-mask").uncheck()
-
-            # The x̂0 trajectory scrubber: another frame on screen.
-            x0 = explorer.locator("img.sx-x0")
-            frame_before = x0.get_attribute("src")
-            _set_slider(explorer.locator("input.sx-trajectory-step"), 0)
-            page.wait_for_function(
-                "([img, src]) => img.getAttribute('src') !== src", arg=[x0.element_handle(), frame_before]
-            )
-
-            # Generate: controls disabled and a progress bar while the model runs, then the new run on screen.
-            page.evaluate(
-                """element => {
-                window.__sdlabSawBusy = false;
-                window.__sdlabProgress = [];
-                new MutationObserver(() => {
-                    const disabled = element.querySelector("fieldset").disabled;
-                    if (element.classList.contains("sx-busy") && disabled) window.__sdlabSawBusy = true;
-                    const progress = element.querySelector("progress.sx-progress").value;
-                    const seen = window.__sdlabProgress;
-                    if (progress > 0 && !seen.includes(progress)) seen.push(progress);
-                }).observe(element, {attributes: true, subtree: true});
-            }""",
-                explorer.element_handle(),
-            )
-            picture = _pixels(overlay)
-            explorer.locator("input.sx-gen-prompt").fill("a green star above a yellow heart")
-            explorer.locator("input.sx-gen-seed").fill("3")
-            explorer.locator("button.sx-generate-button").click()
-            page.wait_for_function(
-                "element => [...element.querySelectorAll('.sx-chip')].some(chip => chip.textContent === 'star')",
-                arg=explorer.element_handle(),
-                timeout=STEP_ACTION_MS,
-            )
-            page.wait_for_function("element => !element.classList.contains('sx-busy')", arg=explorer.element_handle())
-            assert page.evaluate("window.__sdlabSawBusy"), "the controls were not disabled while generating"
-            assert len(page.evaluate("window.__sdlabProgress")) >= 2, "the progress bar did not move while generating"
-            page.wait_for_function(
-                "([canvas, before]) => canvas.toDataURL('image/png') !== before",
-                arg=[overlay.element_handle(), picture],
-            )
-            assert explorer.locator(".sx-message").inner_text() == ""
-            assert explorer.locator("input.sx-gen-seed").input_value() == "3"
-            explorer.screenshot(path=str(ARTIFACTS / "explorer_after_generate.png"))
-
-            # A word that is not in the prompt: an open-vocabulary map.
-            before = _redraw_count(explorer)
-            explorer.locator("input.sx-typed-word").fill("circle")
-            explorer.locator("input.sx-typed-word").press("Enter")
-            _wait_for_redraw(page, explorer, before)
-            assert "open vocabulary" in explorer.locator(".sx-heat-label").inner_text()
-            explorer.screenshot(path=str(ARTIFACTS / "explorer_open_vocabulary.png"))
+            yield NotebookPage(page, requests_out, run_all_seconds)
         finally:
             try:
-                page.screenshot(path=str(ARTIFACTS / "last_page.png"))
+                page.screenshot(path=str(ARTIFACTS / f"{label}_last_page.png"))
             except Exception:
                 pass
-            (ARTIFACTS / "browser_console.log").write_text("\n".join(console))
+            (ARTIFACTS / f"{label}_console.log").write_text("\n".join(console))
             context.close()
 
+
+# ---------------------------------------------------------------------------------------------------------
+# The test
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_tour_runs_and_the_explorer_redraws(jupyterlab):
+    timings = {"kernel_ms": [], "kernel_ms_by_control": {}, "local_ms": [], "playwright_round_trip_ms": []}
+    with _notebook_run(jupyterlab, "00_tour.ipynb", "tour") as notebook:
+        page = notebook.page
+        explorer = page.locator(".sdlab-explorer").first
+        explorer.scroll_into_view_if_needed()
+        overlay = explorer.locator("canvas.sx-overlay")
+        mask = explorer.locator("canvas.sx-mask")
+        page.wait_for_function("element => Number(element.dataset.heatVersion || 0) > 0", arg=explorer.element_handle())
+        page.screenshot(path=str(ARTIFACTS / "tour_after_run_all.png"))
+        explorer.screenshot(path=str(ARTIFACTS / "explorer_initial.png"))
+        assert "circle" in explorer.locator(".sx-chip.sx-selected").inner_text()
+
+        # A word: a click on a chip asks the kernel for that word's map.
+        before, picture = _redraw_count(explorer), _pixels(overlay)
+        explorer.locator(".sx-chip", has_text="square").click()
+        redraw = _wait_for_redraw(page, explorer, before)
+        assert redraw["kind"] == "kernel"
+        assert _pixels(overlay) != picture, "picking another word did not change the picture"
+        assert "square" in explorer.locator(".sx-heat-label").inner_text()
+        explorer.screenshot(path=str(ARTIFACTS / "explorer_word_square.png"))
+
+        def press_and_time(slider, keys: list[str], control: str) -> None:
+            """Move a slider with the keyboard, as a user can; every position must redraw a new picture."""
+            slider.focus()
+            for key in keys:
+                before, picture = _redraw_count(explorer), _pixels(overlay)
+                pressed = time.perf_counter()
+                page.keyboard.press(key)
+                redraw = _wait_for_redraw(page, explorer, before)
+                timings["playwright_round_trip_ms"].append((time.perf_counter() - pressed) * 1000)
+                assert redraw["kind"] == "kernel"
+                timings["kernel_ms"].append(redraw["ms"])
+                timings["kernel_ms_by_control"].setdefault(control, []).append(redraw["ms"])
+                assert _pixels(overlay) != picture, f"{control} moved ({key}) but the picture did not change"
+
+        # The step range: the end handle to the last step, one step at a time down to step 0, and back.
+        step_to = explorer.locator("input.sx-step-to")
+        last_step = int(step_to.get_attribute("max"))
+        if int(step_to.input_value()) < last_step:
+            press_and_time(step_to, ["End"], "steps")
+        press_and_time(step_to, ["ArrowLeft"] * last_step, "steps")
+        assert "steps 0–0" in explorer.locator(".sx-heat-label").inner_text()
+        explorer.screenshot(path=str(ARTIFACTS / "explorer_first_step_only.png"))
+        press_and_time(step_to, ["ArrowRight"] * last_step, "steps")
+
+        # Layers: all -> each resolution (16x16, 8x8, 4x4 on TinyWorld) and back; heads: all -> each head and back.
+        # (The slider's groups are "all", the resolutions fine to coarse, then down / mid / up, which can hold
+        # the same layers as a resolution: only the resolutions are sure to give different pictures.)
+        groups = explorer.locator("input.sx-group").get_attribute("data-groups").split()
+        resolutions = sum(1 for name in groups if re.fullmatch(r"\d+x\d+", name))
+        there_and_back = ["ArrowRight"] * resolutions + ["ArrowLeft"] * resolutions
+        press_and_time(explorer.locator("input.sx-group"), there_and_back, "layers")
+        heads = int(explorer.locator("input.sx-head").get_attribute("max")) + 1
+        press_and_time(explorer.locator("input.sx-head"), ["ArrowRight"] * heads + ["ArrowLeft"] * heads, "head")
+
+        # The threshold: redrawn in the browser alone (no kernel), mask and overlay.
+        before, mask_picture = _redraw_count(explorer), _pixels(mask)
+        _set_slider(explorer.locator("input.sx-threshold"), 0.8)
+        redraw = _wait_for_redraw(page, explorer, before)
+        assert redraw["kind"] == "local"
+        timings["local_ms"].append(redraw["ms"])
+        assert _pixels(mask) != mask_picture, "moving the threshold did not change the mask"
+        before, picture = _redraw_count(explorer), _pixels(overlay)
+        explorer.locator("input.sx-show-mask").check()
+        _wait_for_redraw(page, explorer, before)
+        assert _pixels(overlay) != picture, "showing the mask on the image did not change the picture"
+        explorer.screenshot(path=str(ARTIFACTS / "explorer_threshold_mask.png"))
+        explorer.locator("input.sx-show-mask").uncheck()
+
+        # The x̂0 trajectory scrubber: another frame on screen.
+        x0 = explorer.locator("img.sx-x0")
+        frame_before = x0.get_attribute("src")
+        _set_slider(explorer.locator("input.sx-trajectory-step"), 0)
+        page.wait_for_function(
+            "([img, src]) => img.getAttribute('src') !== src", arg=[x0.element_handle(), frame_before]
+        )
+
+        # Generate: controls disabled and a progress bar while the model runs, then the new run on screen.
+        _watch_busy(page, explorer, 'element.querySelector("progress.sx-progress").value')
+        picture = _pixels(overlay)
+        explorer.locator("input.sx-gen-prompt").fill("a green star above a yellow heart")
+        explorer.locator("input.sx-gen-seed").fill("3")
+        explorer.locator("button.sx-generate-button").click()
+        page.wait_for_function(
+            "element => [...element.querySelectorAll('.sx-chip')].some(chip => chip.textContent === 'star')",
+            arg=explorer.element_handle(),
+            timeout=STEP_ACTION_MS,
+        )
+        page.wait_for_function("element => !element.classList.contains('sx-busy')", arg=explorer.element_handle())
+        assert page.evaluate("window.__sdlabSawBusy"), "the controls were not disabled while generating"
+        assert len(page.evaluate("window.__sdlabProgress")) >= 2, "the progress bar did not move while generating"
+        page.wait_for_function(
+            "([canvas, before]) => canvas.toDataURL('image/png') !== before",
+            arg=[overlay.element_handle(), picture],
+        )
+        assert explorer.locator(".sx-message").inner_text() == ""
+        assert explorer.locator("input.sx-gen-seed").input_value() == "3"
+        explorer.screenshot(path=str(ARTIFACTS / "explorer_after_generate.png"))
+
+        # A word that is not in the prompt: an open-vocabulary map.
+        before = _redraw_count(explorer)
+        explorer.locator("input.sx-typed-word").fill("circle")
+        explorer.locator("input.sx-typed-word").press("Enter")
+        _wait_for_redraw(page, explorer, before)
+        assert "open vocabulary" in explorer.locator(".sx-heat-label").inner_text()
+        explorer.screenshot(path=str(ARTIFACTS / "explorer_open_vocabulary.png"))
+
     summary = {
-        "run_all_seconds": round(run_all_seconds, 1),
+        "run_all_seconds": round(notebook.run_all_seconds, 1),
         "kernel_redraws": len(timings["kernel_ms"]),
         "kernel_redraw_ms_median_by_control": {
             control: statistics.median(samples) for control, samples in timings["kernel_ms_by_control"].items()
@@ -406,7 +461,7 @@ def test_tour_runs_and_the_explorer_redraws(jupyterlab):
         "local_redraw_ms": timings["local_ms"],
         "playwright_round_trip_ms_median": statistics.median(timings["playwright_round_trip_ms"]),
         "samples": timings,
-        "requests_outside_the_server": requests_out,
+        "requests_outside_the_server": notebook.requests_out,
     }
     (ARTIFACTS / "widget_redraw.json").write_text(json.dumps(summary, indent=1))
     print(
@@ -415,7 +470,7 @@ def test_tour_runs_and_the_explorer_redraws(jupyterlab):
         "| local redraws (ms):",
         timings["local_ms"],
     )
-    assert requests_out == [], f"the page fetched from outside the local server: {requests_out[:5]}"
+    notebook.check_nothing_fetched_outside()
     assert summary["kernel_redraw_ms"]["median"] < REDRAW_SANITY_BOUND_MS
 
 
@@ -438,139 +493,83 @@ def _heat_version(widget) -> int:
 
 
 def test_correspondence_notebook_runs_and_a_click_moves_the_matches(jupyterlab):
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     kernel_ms, round_trip_ms = [], []
-    with sync_api.sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(jupyterlab.folder.parent / "chromium-profile-correspondence"),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=CHROMIUM_FLAGS,
-            viewport={"width": 1400, "height": 1100},
+    with _notebook_run(jupyterlab, "05_correspondence.ipynb", "correspondence", workspace="correspondence") as notebook:
+        page = notebook.page
+        widget = page.locator(".sdlab-correspondence").first
+        widget.scroll_into_view_if_needed()
+        page.wait_for_function(
+            "element => element.querySelectorAll('.sx-cx-figure').length === 4 && "
+            "Number(element.dataset.heatVersion || 0) > 0",
+            arg=widget.element_handle(),
         )
-        page = context.new_page()
-        console = []
-        page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
-        requests_out = []
-        page.on(
-            "request",
-            lambda request: (
-                requests_out.append(request.url)
-                if not request.url.startswith((jupyterlab.url, "data:", "blob:"))
-                else None
-            ),
+        source = widget.locator(".sx-cx-source-figure .sx-cx-stage")
+        box = source.bounding_box()
+        widget.screenshot(path=str(ARTIFACTS / "correspondence_initial.png"))
+        assert "PCK@0.1" in widget.locator(".sx-cx-summary").inner_text()
+
+        def click(x: float, y: float) -> dict:
+            """Click the source at (x, y) image pixels; wait for the new maps. The markers and pixels before."""
+            before = {"count": _redraw_count(widget), "heat": _heat_version(widget)}
+            before["markers"], before["pixels"] = widget.evaluate(MARKERS), widget.evaluate(TARGET_PIXELS)
+            pressed = time.perf_counter()
+            source.click(position={"x": x / 64 * box["width"], "y": y / 64 * box["height"]})
+            redraw = _wait_for_redraw(page, widget, before["count"])
+            round_trip_ms.append((time.perf_counter() - pressed) * 1000)
+            assert redraw["kind"] == "kernel" and _heat_version(widget) > before["heat"]
+            kernel_ms.append(redraw["ms"])
+            assert widget.evaluate(TARGET_PIXELS) != before["pixels"], "a click did not redraw the heat maps"
+            return before
+
+        # A click next to a keypoint of the source snaps onto it: the targets show its true position too.
+        keypoint = widget.locator(".sx-cx-source-figure .sx-kp[data-name='tip_lower_left']")
+        kx, ky = float(keypoint.get_attribute("data-x")), float(keypoint.get_attribute("data-y"))
+        click(kx + 0.5, ky - 0.5)
+        query = widget.locator(".sx-cx-source-figure .sx-query")
+        assert (float(query.get_attribute("data-x")), float(query.get_attribute("data-y"))) == pytest.approx(
+            (kx, ky), abs=0.01
         )
-        try:
-            page.set_default_timeout(STEP_ACTION_MS)
-            # A workspace of its own: the default one would reopen the tour's tab from the test before.
-            page.goto(
-                f"{jupyterlab.url}/lab/workspaces/correspondence/tree/05_correspondence.ipynb?token={jupyterlab.token}"
-            )
-            page.wait_for_function(
-                "() => { const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
-                " return Boolean(panel && panel.context && panel.context.path === '05_correspondence.ipynb'); }",
-                timeout=KERNEL_READY_MS,
-            )
-            page.wait_for_function(KERNEL_IDLE, timeout=KERNEL_READY_MS)
-            started = time.perf_counter()
-            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            page.wait_for_function(f"() => ({ALL_CELLS_RUN})() && ({KERNEL_IDLE})()", timeout=RUN_ALL_MS, polling=500)
-            run_all_seconds = time.perf_counter() - started
-            assert page.evaluate(NOTEBOOK_ERRORS) == []
+        assert "keypoint tip_lower_left" in widget.locator(".sx-cx-source-figure .sx-cx-note").inner_text()
+        assert widget.locator(".sx-truth:visible").count() == 3
+        on_the_star = widget.evaluate(MARKERS)
+        widget.screenshot(path=str(ARTIFACTS / "correspondence_keypoint.png"))
 
-            widget = page.locator(".sdlab-correspondence").first
-            widget.scroll_into_view_if_needed()
-            page.wait_for_function(
-                "element => element.querySelectorAll('.sx-cx-figure').length === 4 && "
-                "Number(element.dataset.heatVersion || 0) > 0",
-                arg=widget.element_handle(),
-            )
-            source = widget.locator(".sx-cx-source-figure .sx-cx-stage")
-            box = source.bounding_box()
-            widget.screenshot(path=str(ARTIFACTS / "correspondence_initial.png"))
-            assert "PCK@0.1" in widget.locator(".sx-cx-summary").inner_text()
+        # The background's far corner: the matches leave the stars.
+        before = click(3, 60)
+        assert before["markers"] == on_the_star
+        moved = [old != new for old, new in zip(on_the_star, widget.evaluate(MARKERS))]
+        assert sum(moved) >= 2, f"the matched points did not move: {on_the_star} -> {widget.evaluate(MARKERS)}"
+        assert widget.locator(".sx-truth:visible").count() == 0
+        widget.screenshot(path=str(ARTIFACTS / "correspondence_background.png"))
 
-            def click(x: float, y: float) -> dict:
-                """Click the source at (x, y) image pixels; wait for the new maps. The markers and pixels before."""
-                before = {"count": _redraw_count(widget), "heat": _heat_version(widget)}
-                before["markers"], before["pixels"] = widget.evaluate(MARKERS), widget.evaluate(TARGET_PIXELS)
-                pressed = time.perf_counter()
-                source.click(position={"x": x / 64 * box["width"], "y": y / 64 * box["height"]})
-                redraw = _wait_for_redraw(page, widget, before["count"])
-                round_trip_ms.append((time.perf_counter() - pressed) * 1000)
-                assert redraw["kind"] == "kernel" and _heat_version(widget) > before["heat"]
-                kernel_ms.append(redraw["ms"])
-                assert widget.evaluate(TARGET_PIXELS) != before["pixels"], "a click did not redraw the heat maps"
-                return before
+        # More clicks, for the click-to-redraw time.
+        for x, y in [(40, 30), (10, 10), (55, 20), (30, 45), (20, 55), (60, 5), (45, 40), (5, 30)]:
+            click(x, y)
 
-            # A click next to a keypoint of the source snaps onto it: the targets show its true position too.
-            keypoint = widget.locator(".sx-cx-source-figure .sx-kp[data-name='tip_lower_left']")
-            kx, ky = float(keypoint.get_attribute("data-x")), float(keypoint.get_attribute("data-y"))
-            click(kx + 0.5, ky - 0.5)
-            query = widget.locator(".sx-cx-source-figure .sx-query")
-            assert (float(query.get_attribute("data-x")), float(query.get_attribute("data-y"))) == pytest.approx(
-                (kx, ky), abs=0.01
-            )
-            assert "keypoint tip_lower_left" in widget.locator(".sx-cx-source-figure .sx-cx-note").inner_text()
-            assert widget.locator(".sx-truth:visible").count() == 3
-            on_the_star = widget.evaluate(MARKERS)
-            widget.screenshot(path=str(ARTIFACTS / "correspondence_keypoint.png"))
-
-            # The background's far corner: the matches leave the stars.
-            before = click(3, 60)
-            assert before["markers"] == on_the_star
-            moved = [old != new for old, new in zip(on_the_star, widget.evaluate(MARKERS))]
-            assert sum(moved) >= 2, f"the matched points did not move: {on_the_star} -> {widget.evaluate(MARKERS)}"
-            assert widget.locator(".sx-truth:visible").count() == 0
-            widget.screenshot(path=str(ARTIFACTS / "correspondence_background.png"))
-
-            # More clicks, for the click-to-redraw time.
-            for x, y in [(40, 30), (10, 10), (55, 20), (30, 45), (20, 55), (60, 5), (45, 40), (5, 30)]:
-                click(x, y)
-
-            # New features: another timestep, applied by Recompute (busy, progress bar), then new maps.
-            page.evaluate(
-                """element => {
-                window.__sdlabSawBusy = false;
-                window.__sdlabProgress = [];
-                new MutationObserver(() => {
-                    const disabled = element.querySelector("fieldset").disabled;
-                    if (element.classList.contains("sx-busy") && disabled) window.__sdlabSawBusy = true;
-                    const text = element.querySelector(".sx-progress-text").textContent;
-                    if (text && !window.__sdlabProgress.includes(text)) window.__sdlabProgress.push(text);
-                }).observe(element, {attributes: true, subtree: true, childList: true, characterData: true});
-            }""",
-                widget.element_handle(),
-            )
-            pixels, heat = widget.evaluate(TARGET_PIXELS), _heat_version(widget)
-            _set_slider(widget.locator("input.sx-cx-timestep"), 801)
-            assert "Recompute" in widget.locator(".sx-cx-pending").inner_text()
-            widget.locator("button.sx-cx-recompute").click()
-            page.wait_for_function(
-                "element => element.querySelector('.sx-cx-summary').textContent.includes('t = 801')",
-                arg=widget.element_handle(),
-            )
-            page.wait_for_function(
-                "([element, heat]) => !element.classList.contains('sx-busy') && "
-                "Number(element.dataset.heatVersion || 0) > heat",
-                arg=[widget.element_handle(), heat],
-            )
-            assert page.evaluate("window.__sdlabSawBusy"), "the controls were not disabled while recomputing"
-            assert any("image" in text for text in page.evaluate("window.__sdlabProgress")), "no progress shown"
-            assert widget.evaluate(TARGET_PIXELS) != pixels, "new features did not change the heat maps"
-            assert widget.locator(".sx-message").inner_text() == ""
-            assert widget.locator(".sx-cx-pending").inner_text() == ""
-            widget.screenshot(path=str(ARTIFACTS / "correspondence_t801.png"))
-        finally:
-            try:
-                page.screenshot(path=str(ARTIFACTS / "correspondence_last_page.png"))
-            except Exception:
-                pass
-            (ARTIFACTS / "correspondence_console.log").write_text("\n".join(console))
-            context.close()
+        # New features: another timestep, applied by Recompute (busy, progress bar), then new maps.
+        _watch_busy(page, widget, 'element.querySelector(".sx-progress-text").textContent')
+        pixels, heat = widget.evaluate(TARGET_PIXELS), _heat_version(widget)
+        _set_slider(widget.locator("input.sx-cx-timestep"), 801)
+        assert "Recompute" in widget.locator(".sx-cx-pending").inner_text()
+        widget.locator("button.sx-cx-recompute").click()
+        page.wait_for_function(
+            "element => element.querySelector('.sx-cx-summary').textContent.includes('t = 801')",
+            arg=widget.element_handle(),
+        )
+        page.wait_for_function(
+            "([element, heat]) => !element.classList.contains('sx-busy') && "
+            "Number(element.dataset.heatVersion || 0) > heat",
+            arg=[widget.element_handle(), heat],
+        )
+        assert page.evaluate("window.__sdlabSawBusy"), "the controls were not disabled while recomputing"
+        assert any("image" in text for text in page.evaluate("window.__sdlabProgress")), "no progress shown"
+        assert widget.evaluate(TARGET_PIXELS) != pixels, "new features did not change the heat maps"
+        assert widget.locator(".sx-message").inner_text() == ""
+        assert widget.locator(".sx-cx-pending").inner_text() == ""
+        widget.screenshot(path=str(ARTIFACTS / "correspondence_t801.png"))
 
     summary = {
-        "run_all_seconds": round(run_all_seconds, 1),
+        "run_all_seconds": round(notebook.run_all_seconds, 1),
         "clicks": len(kernel_ms),
         "click_to_redraw_ms": {
             "median": statistics.median(kernel_ms),
@@ -579,11 +578,11 @@ def test_correspondence_notebook_runs_and_a_click_moves_the_matches(jupyterlab):
         },
         "playwright_round_trip_ms_median": statistics.median(round_trip_ms),
         "samples": {"click_to_redraw_ms": kernel_ms, "playwright_round_trip_ms": round_trip_ms},
-        "requests_outside_the_server": requests_out,
+        "requests_outside_the_server": notebook.requests_out,
     }
     (ARTIFACTS / "correspondence_redraw.json").write_text(json.dumps(summary, indent=1))
     print("\nclick to redraw (ms):", summary["click_to_redraw_ms"], "| run all:", summary["run_all_seconds"], "s")
-    assert requests_out == [], f"the page fetched from outside the local server: {requests_out[:5]}"
+    notebook.check_nothing_fetched_outside()
     assert summary["click_to_redraw_ms"]["median"] < REDRAW_SANITY_BOUND_MS
 
 
@@ -602,151 +601,96 @@ def _pipeline_runs(widget) -> int:
 
 
 def test_guidance_notebook_runs_and_the_explorer_redraws(jupyterlab):
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     timings = {"computed_ms": [], "cached_ms": [], "local_ms": []}
-    with sync_api.sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(jupyterlab.folder.parent / "chromium-profile-guidance"),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=CHROMIUM_FLAGS,
-            viewport={"width": 1400, "height": 1100},
-        )
-        page = context.new_page()
-        console = []
-        page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
-        requests_out = []
-        page.on(
-            "request",
-            lambda request: (
-                requests_out.append(request.url)
-                if not request.url.startswith((jupyterlab.url, "data:", "blob:"))
-                else None
-            ),
-        )
-        try:
-            page.set_default_timeout(STEP_ACTION_MS)
-            page.goto(f"{jupyterlab.url}/lab/workspaces/guidance/tree/03_guidance.ipynb?token={jupyterlab.token}")
-            page.wait_for_function(
-                "() => { const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
-                " return Boolean(panel && panel.context && panel.context.path === '03_guidance.ipynb'); }",
-                timeout=KERNEL_READY_MS,
-            )
-            page.wait_for_function(KERNEL_IDLE, timeout=KERNEL_READY_MS)
-            started = time.perf_counter()
-            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            # Done when every cell ran, or when one failed (run-all stops there): its error is the assertion's.
-            page.wait_for_function(
-                f"() => (({ALL_CELLS_RUN})() || ({NOTEBOOK_ERRORS})().length > 0) && ({KERNEL_IDLE})()",
-                timeout=RUN_ALL_MS,
-                polling=500,
-            )
-            run_all_seconds = time.perf_counter() - started
-            assert page.evaluate(NOTEBOOK_ERRORS) == []
+    with _notebook_run(jupyterlab, "03_guidance.ipynb", "guidance", workspace="guidance") as notebook:
+        page = notebook.page
+        widget = page.locator(".sdlab-guidance").first
+        widget.scroll_into_view_if_needed()
+        page.wait_for_function("element => Number(element.dataset.drawnVersion || 0) > 0", arg=widget.element_handle())
+        assert "Attend-and-Excite" in widget.locator(".sx-gx-result").inner_text()
+        assert widget.locator("canvas.sx-gx-overlay").count() == 2  # one map per subject
+        widget.screenshot(path=str(ARTIFACTS / "guidance_initial.png"))
 
-            widget = page.locator(".sdlab-guidance").first
-            widget.scroll_into_view_if_needed()
-            page.wait_for_function(
-                "element => Number(element.dataset.drawnVersion || 0) > 0", arg=widget.element_handle()
-            )
-            assert "Attend-and-Excite" in widget.locator(".sx-gx-result").inner_text()
-            assert widget.locator("canvas.sx-gx-overlay").count() == 2  # one map per subject
-            widget.screenshot(path=str(ARTIFACTS / "guidance_initial.png"))
+        def act(action, kind: str) -> dict:
+            """Do something and wait for its redraw (_redraw_after); the runs and the pictures before."""
+            before = {"runs": _pipeline_runs(widget)}
+            before["guided"], before["panels"] = widget.evaluate(GUIDED_PIXELS), widget.evaluate(PANEL_PIXELS)
+            ms = _redraw_after(page, widget, action, kind)
+            {"kernel": timings["computed_ms"], "cache": timings["cached_ms"], "local": timings["local_ms"]}[
+                kind
+            ].append(ms)
+            return before
 
-            def act(action, kind: str) -> dict:
-                """Do something, wait for the redraw it brings (and for the kernel to be idle), check its kind."""
-                before = {"count": _redraw_count(widget), "runs": _pipeline_runs(widget)}
-                before["guided"], before["panels"] = widget.evaluate(GUIDED_PIXELS), widget.evaluate(PANEL_PIXELS)
-                action()
-                redraw = _wait_for_redraw(page, widget, before["count"])
-                page.wait_for_function("element => !element.classList.contains('sx-busy')", arg=widget.element_handle())
-                assert redraw["kind"] == kind, f"expected a {kind} redraw, got {redraw}"
-                {"kernel": timings["computed_ms"], "cache": timings["cached_ms"], "local": timings["local_ms"]}[
-                    kind
-                ].append(redraw["ms"])
-                return before
+        # The method chooser: SAG is computed (busy, a pipeline run), its mask drawn over the image.
+        before = act(lambda: widget.locator("button.sx-gx-method[data-method='sag']").click(), "kernel")
+        assert _pipeline_runs(widget) > before["runs"]
+        assert widget.evaluate(GUIDED_PIXELS) != before["guided"], "choosing SAG did not change the guided image"
+        assert widget.locator("canvas.sx-gx-overlay.sx-gx-mask").count() == 1
+        assert "SAG" in widget.locator(".sx-gx-uses-title").inner_text()
+        sag_default = widget.evaluate(GUIDED_PIXELS)
 
-            # The method chooser: SAG is computed (busy, a pipeline run), its mask drawn over the image.
-            before = act(lambda: widget.locator("button.sx-gx-method[data-method='sag']").click(), "kernel")
-            assert _pipeline_runs(widget) > before["runs"]
-            assert widget.evaluate(GUIDED_PIXELS) != before["guided"], "choosing SAG did not change the guided image"
-            assert widget.locator("canvas.sx-gx-overlay.sx-gx-mask").count() == 1
-            assert "SAG" in widget.locator(".sx-gx-uses-title").inner_text()
-            sag_default = widget.evaluate(GUIDED_PIXELS)
+        # The scale slider: a new scale computes, a computed one is redrawn from the kernel's cache.
+        scale = widget.locator("input.sx-gx-scale")
+        before = act(lambda: _set_slider(scale, 2), "kernel")
+        assert widget.evaluate(GUIDED_PIXELS) != sag_default, "a new SAG scale did not change the guided image"
+        runs = _pipeline_runs(widget)
+        assert runs > before["runs"]
+        assert "0.75" in widget.locator(".sx-gx-cached").inner_text()
+        act(lambda: _set_slider(scale, 0.75), "cache")
+        assert _pipeline_runs(widget) == runs, "a computed scale ran the pipeline again"
+        assert widget.evaluate(GUIDED_PIXELS) == sag_default, "the cached scale did not bring its image back"
+        widget.screenshot(path=str(ARTIFACTS / "guidance_sag.png"))
 
-            # The scale slider: a new scale computes, a computed one is redrawn from the kernel's cache.
-            scale = widget.locator("input.sx-gx-scale")
-            before = act(lambda: _set_slider(scale, 2), "kernel")
-            assert widget.evaluate(GUIDED_PIXELS) != sag_default, "a new SAG scale did not change the guided image"
-            runs = _pipeline_runs(widget)
-            assert runs > before["runs"]
-            assert "0.75" in widget.locator(".sx-gx-cached").inner_text()
-            act(lambda: _set_slider(scale, 0.75), "cache")
-            assert _pipeline_runs(widget) == runs, "a computed scale ran the pipeline again"
-            assert widget.evaluate(GUIDED_PIXELS) == sag_default, "the cached scale did not bring its image back"
-            widget.screenshot(path=str(ARTIFACTS / "guidance_sag.png"))
+        # The step slider: the browser alone redraws the mask of another step.
+        step = widget.locator("input.sx-gx-step")
+        last = int(step.get_attribute("max"))
+        panels = widget.evaluate(PANEL_PIXELS)
+        for value in range(last, -1, -1):
+            act(lambda value=value: _set_slider(step, value), "local")
+            if widget.evaluate(PANEL_PIXELS) != panels:
+                break
+        assert widget.evaluate(PANEL_PIXELS) != panels, "no step showed another mask"
+        assert _pipeline_runs(widget) == runs
 
-            # The step slider: the browser alone redraws the mask of another step.
-            step = widget.locator("input.sx-gx-step")
-            last = int(step.get_attribute("max"))
-            panels = widget.evaluate(PANEL_PIXELS)
-            for value in range(last, -1, -1):
-                act(lambda value=value: _set_slider(step, value), "local")
-                if widget.evaluate(PANEL_PIXELS) != panels:
-                    break
-            assert widget.evaluate(PANEL_PIXELS) != panels, "no step showed another mask"
-            assert _pipeline_runs(widget) == runs
+        # FreeU: its merge sites, one chosen at a time (a local redraw).
+        act(lambda: widget.locator("button.sx-gx-method[data-method='freeu']").click(), "kernel")
+        group = widget.locator("select.sx-gx-group")
+        options = group.locator("option").all_inner_texts()
+        assert len(options) == 4 and widget.locator("canvas.sx-gx-overlay").count() == 4
+        panels = widget.evaluate(PANEL_PIXELS)
+        act(lambda: group.select_option(options[-1]), "local")
+        assert widget.evaluate(PANEL_PIXELS) != panels
+        widget.screenshot(path=str(ARTIFACTS / "guidance_freeu.png"))
 
-            # FreeU: its merge sites, one chosen at a time (a local redraw).
-            act(lambda: widget.locator("button.sx-gx-method[data-method='freeu']").click(), "kernel")
-            group = widget.locator("select.sx-gx-group")
-            options = group.locator("option").all_inner_texts()
-            assert len(options) == 4 and widget.locator("canvas.sx-gx-overlay").count() == 4
-            panels = widget.evaluate(PANEL_PIXELS)
-            act(lambda: group.select_option(options[-1]), "local")
-            assert widget.evaluate(PANEL_PIXELS) != panels
-            widget.screenshot(path=str(ARTIFACTS / "guidance_freeu.png"))
+        # PAG, then back to the method the notebook opened on: cached.
+        act(lambda: widget.locator("button.sx-gx-method[data-method='pag']").click(), "kernel")
+        assert "mid_block" in widget.locator(".sx-gx-uses-text").inner_text()
+        runs = _pipeline_runs(widget)
+        act(lambda: widget.locator("button.sx-gx-method[data-method='attend_excite']").click(), "cache")
+        assert _pipeline_runs(widget) == runs
+        widget.screenshot(path=str(ARTIFACTS / "guidance_attend_excite.png"))
 
-            # PAG, then back to the method the notebook opened on: cached.
-            act(lambda: widget.locator("button.sx-gx-method[data-method='pag']").click(), "kernel")
-            assert "mid_block" in widget.locator(".sx-gx-uses-text").inner_text()
-            runs = _pipeline_runs(widget)
-            act(lambda: widget.locator("button.sx-gx-method[data-method='attend_excite']").click(), "cache")
-            assert _pipeline_runs(widget) == runs
-            widget.screenshot(path=str(ARTIFACTS / "guidance_attend_excite.png"))
-
-            # A subject that is not in the prompt: the message line says so; the images stay.
-            pixels = widget.evaluate(GUIDED_PIXELS)
-            widget.locator("input.sx-gx-subjects").fill("moon")
-            widget.locator("input.sx-gx-subjects").press("Enter")
-            page.wait_for_function(
-                "element => element.querySelector('.sx-message').textContent.includes('not in the prompt')",
-                arg=widget.element_handle(),
-            )
-            message = widget.locator(".sx-message").inner_text()
-            assert "Traceback" not in message and message.startswith("Attend-and-Excite failed")
-            assert widget.evaluate(GUIDED_PIXELS) == pixels
-            widget.screenshot(path=str(ARTIFACTS / "guidance_error.png"))
-        finally:
-            try:
-                page.screenshot(path=str(ARTIFACTS / "guidance_last_page.png"))
-            except Exception:
-                pass
-            (ARTIFACTS / "guidance_console.log").write_text("\n".join(console))
-            context.close()
+        # A subject that is not in the prompt: the message line says so; the images stay.
+        pixels = widget.evaluate(GUIDED_PIXELS)
+        widget.locator("input.sx-gx-subjects").fill("moon")
+        widget.locator("input.sx-gx-subjects").press("Enter")
+        message = _message_with(page, widget, "not in the prompt")
+        assert "Traceback" not in message and message.startswith("Attend-and-Excite failed")
+        assert widget.evaluate(GUIDED_PIXELS) == pixels
+        widget.screenshot(path=str(ARTIFACTS / "guidance_error.png"))
 
     summary = {
-        "run_all_seconds": round(run_all_seconds, 1),
+        "run_all_seconds": round(notebook.run_all_seconds, 1),
         "computed_redraw_ms": timings["computed_ms"],
         "cached_redraw_ms": timings["cached_ms"],
         "local_redraw_ms": timings["local_ms"],
-        "requests_outside_the_server": requests_out,
+        "requests_outside_the_server": notebook.requests_out,
     }
     (ARTIFACTS / "guidance_redraw.json").write_text(json.dumps(summary, indent=1))
     print(
         "\nguidance explorer:", {key: value for key, value in summary.items() if key != "requests_outside_the_server"}
     )
-    assert requests_out == [], f"the page fetched from outside the local server: {requests_out[:5]}"
+    notebook.check_nothing_fetched_outside()
     assert max(timings["cached_ms"]) < REDRAW_SANITY_BOUND_MS
 
 
@@ -759,111 +703,55 @@ MASK_PIXELS = """element => element.querySelector("canvas.sx-ed-mask").toDataURL
 
 
 def test_editing_notebook_runs_and_the_explorer_redraws(jupyterlab):
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     timings = {"kernel": [], "cache": [], "local": []}
-    with sync_api.sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(jupyterlab.folder.parent / "chromium-profile-editing"),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=CHROMIUM_FLAGS,
-            viewport={"width": 1400, "height": 1100},
+    with _notebook_run(jupyterlab, "02_inversion_and_editing.ipynb", "editing", workspace="editing") as notebook:
+        page = notebook.page
+        widget = page.locator(".sdlab-editing").first
+        widget.scroll_into_view_if_needed()
+        page.wait_for_function("element => Number(element.dataset.drawnVersion || 0) > 0", arg=widget.element_handle())
+        assert "null-text inversion of seed" in widget.locator(".sx-ed-inversion-label").inner_text()
+        assert "PSNR" in widget.locator(".sx-ed-reconstruction-difference").locator("..").locator("..").inner_text()
+        blank = page.evaluate(
+            "() => { const c = document.createElement('canvas'); c.width = 64; c.height = 64;"
+            " return c.toDataURL('image/png'); }"
         )
-        page = context.new_page()
-        console = []
-        page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
-        requests_out = []
-        page.on(
-            "request",
-            lambda request: (
-                requests_out.append(request.url)
-                if not request.url.startswith((jupyterlab.url, "data:", "blob:"))
-                else None
-            ),
-        )
-        name = "02_inversion_and_editing.ipynb"
-        try:
-            page.set_default_timeout(STEP_ACTION_MS)
-            page.goto(f"{jupyterlab.url}/lab/workspaces/editing/tree/{name}?token={jupyterlab.token}")
-            page.wait_for_function(
-                "name => { const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
-                " return Boolean(panel && panel.context && panel.context.path === name); }",
-                arg=name,
-                timeout=KERNEL_READY_MS,
-            )
-            page.wait_for_function(KERNEL_IDLE, timeout=KERNEL_READY_MS)
-            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            page.wait_for_function(
-                f"() => (({ALL_CELLS_RUN})() || ({NOTEBOOK_ERRORS})().length > 0) && ({KERNEL_IDLE})()",
-                timeout=RUN_ALL_MS,
-                polling=500,
-            )
-            assert page.evaluate(NOTEBOOK_ERRORS) == []
+        for canvas in ("sx-ed-source", "sx-ed-reconstruction", "sx-ed-edited", "sx-ed-edit-difference"):
+            assert widget.locator(f"canvas.{canvas}").evaluate("c => c.toDataURL('image/png')") != blank, canvas
+        widget.screenshot(path=str(ARTIFACTS / "editing_initial.png"))
 
-            widget = page.locator(".sdlab-editing").first
-            widget.scroll_into_view_if_needed()
-            page.wait_for_function(
-                "element => Number(element.dataset.drawnVersion || 0) > 0", arg=widget.element_handle()
-            )
-            assert "null-text inversion of seed" in widget.locator(".sx-ed-inversion-label").inner_text()
-            assert "PSNR" in widget.locator(".sx-ed-reconstruction-difference").locator("..").locator("..").inner_text()
-            blank = page.evaluate(
-                "() => { const c = document.createElement('canvas'); c.width = 64; c.height = 64;"
-                " return c.toDataURL('image/png'); }"
-            )
-            for canvas in ("sx-ed-source", "sx-ed-reconstruction", "sx-ed-edited", "sx-ed-edit-difference"):
-                assert widget.locator(f"canvas.{canvas}").evaluate("c => c.toDataURL('image/png')") != blank, canvas
-            widget.screenshot(path=str(ARTIFACTS / "editing_initial.png"))
+        def act(action, kind: str) -> None:
+            timings[kind].append(_redraw_after(page, widget, action, kind))
 
-            def act(action, kind: str) -> None:
-                before = _redraw_count(widget)
-                action()
-                redraw = _wait_for_redraw(page, widget, before)
-                page.wait_for_function("element => !element.classList.contains('sx-busy')", arg=widget.element_handle())
-                assert redraw["kind"] == kind, f"expected a {kind} redraw, got {redraw}"
-                timings[kind].append(redraw["ms"])
+        # The step slider: LocalBlend's mask of another step, drawn by the browser alone.
+        runs = _pipeline_runs(widget)
+        step = widget.locator("input.sx-ed-step")
+        mask = widget.evaluate(MASK_PIXELS)
+        for value in range(int(step.get_attribute("max")), -1, -1):
+            act(lambda value=value: _set_slider(step, value), "local")
+            if widget.evaluate(MASK_PIXELS) != mask:
+                break
+        assert widget.evaluate(MASK_PIXELS) != mask, "no step showed another mask"
+        assert _pipeline_runs(widget) == runs
 
-            # The step slider: LocalBlend's mask of another step, drawn by the browser alone.
-            runs = _pipeline_runs(widget)
-            step = widget.locator("input.sx-ed-step")
-            mask = widget.evaluate(MASK_PIXELS)
-            for value in range(int(step.get_attribute("max")), -1, -1):
-                act(lambda value=value: _set_slider(step, value), "local")
-                if widget.evaluate(MASK_PIXELS) != mask:
-                    break
-            assert widget.evaluate(MASK_PIXELS) != mask, "no step showed another mask"
-            assert _pipeline_runs(widget) == runs
+        # The cross-attention slider: a new fraction runs the edit; back to 0.8 comes from the kernel's cache.
+        edited = widget.evaluate(EDITED_PIXELS)
+        cross = widget.locator("input.sx-ed-cross")
+        act(lambda: _set_slider(cross, 0.1), "kernel")
+        assert _pipeline_runs(widget) == runs + 1  # the edit alone: the inversion is cached
+        widget.screenshot(path=str(ARTIFACTS / "editing_cross_0.1.png"))
+        act(lambda: _set_slider(cross, 0.8), "cache")
+        assert _pipeline_runs(widget) == runs + 1, "a computed edit ran the model again"
+        assert widget.evaluate(EDITED_PIXELS) == edited, "the cached edit did not bring its image back"
 
-            # The cross-attention slider: a new fraction runs the edit; back to 0.8 comes from the kernel's cache.
-            edited = widget.evaluate(EDITED_PIXELS)
-            cross = widget.locator("input.sx-ed-cross")
-            act(lambda: _set_slider(cross, 0.1), "kernel")
-            assert _pipeline_runs(widget) == runs + 1  # the edit alone: the inversion is cached
-            widget.screenshot(path=str(ARTIFACTS / "editing_cross_0.1.png"))
-            act(lambda: _set_slider(cross, 0.8), "cache")
-            assert _pipeline_runs(widget) == runs + 1, "a computed edit ran the model again"
-            assert widget.evaluate(EDITED_PIXELS) == edited, "the cached edit did not bring its image back"
-
-            # A reweighted word that is not in the prompt: the message line says so; the images stay.
-            widget.locator("select.sx-ed-edit").select_option("reweight")
-            widget.locator("input.sx-ed-reweight-word").fill("moon")
-            widget.locator("input.sx-ed-reweight-word").press("Enter")
-            page.wait_for_function(
-                "element => element.querySelector('.sx-message').textContent.includes('moon')",
-                arg=widget.element_handle(),
-            )
-            assert widget.locator(".sx-message").inner_text().startswith("edit failed")
-            assert widget.evaluate(EDITED_PIXELS) == edited
-            widget.screenshot(path=str(ARTIFACTS / "editing_error.png"))
-        finally:
-            try:
-                page.screenshot(path=str(ARTIFACTS / "editing_last_page.png"))
-            except Exception:
-                pass
-            (ARTIFACTS / "editing_console.log").write_text("\n".join(console))
-            context.close()
+        # A reweighted word that is not in the prompt: the message line says so; the images stay.
+        widget.locator("select.sx-ed-edit").select_option("reweight")
+        widget.locator("input.sx-ed-reweight-word").fill("moon")
+        widget.locator("input.sx-ed-reweight-word").press("Enter")
+        assert _message_with(page, widget, "moon").startswith("edit failed")
+        assert widget.evaluate(EDITED_PIXELS) == edited
+        widget.screenshot(path=str(ARTIFACTS / "editing_error.png"))
     print("\nediting explorer redraws (ms):", timings)
-    assert requests_out == [], f"the page fetched from outside the local server: {requests_out[:5]}"
+    notebook.check_nothing_fetched_outside()
     assert max(timings["cache"]) < REDRAW_SANITY_BOUND_MS
 
 
@@ -877,124 +765,70 @@ SLIDER_IMAGE = """element => element.querySelector("canvas.sx-er-slider-image").
 
 
 def test_erasing_notebook_runs_and_the_explorer_redraws(jupyterlab):
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     timings = {"kernel": [], "cache": [], "local": []}
-    with sync_api.sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(jupyterlab.folder.parent / "chromium-profile-erasing"),
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=CHROMIUM_FLAGS,
-            viewport={"width": 1400, "height": 1100},
+    with _notebook_run(jupyterlab, "04_erasing_and_sliders.ipynb", "erasing", workspace="erasing") as notebook:
+        page = notebook.page
+        widget = page.locator(".sdlab-erasing").first
+        widget.scroll_into_view_if_needed()
+        page.wait_for_function(
+            "element => Number(element.dataset.drawnVersion || 0) > 0 && Number(element.dataset.sliderDrawn || 0) > 0",
+            arg=widget.element_handle(),
         )
-        page = context.new_page()
-        console = []
-        page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
-        requests_out = []
-        page.on(
-            "request",
-            lambda request: (
-                requests_out.append(request.url)
-                if not request.url.startswith((jupyterlab.url, "data:", "blob:"))
-                else None
-            ),
-        )
-        name = "04_erasing_and_sliders.ipynb"
-        try:
-            page.set_default_timeout(STEP_ACTION_MS)
-            page.goto(f"{jupyterlab.url}/lab/workspaces/erasing/tree/{name}?token={jupyterlab.token}")
-            page.wait_for_function(
-                "name => { const panel = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
-                " return Boolean(panel && panel.context && panel.context.path === name); }",
-                arg=name,
-                timeout=KERNEL_READY_MS,
-            )
-            page.wait_for_function(KERNEL_IDLE, timeout=KERNEL_READY_MS)
-            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            page.wait_for_function(
-                f"() => (({ALL_CELLS_RUN})() || ({NOTEBOOK_ERRORS})().length > 0) && ({KERNEL_IDLE})()",
-                timeout=RUN_ALL_MS,
-                polling=500,
-            )
-            assert page.evaluate(NOTEBOOK_ERRORS) == []
+        # The notebook's explorer opens on UCE erasing "star": before and after, the judge's reading under each.
+        assert "UCE erased “star”" in widget.locator(".sx-er-erase-label").inner_text()
+        before, after = widget.evaluate(BEFORE_IMAGES), widget.evaluate(AFTER_IMAGES)
+        assert len(before) == len(after) == 8  # four held-out prompts, two seeds
+        assert any(a != b for a, b in zip(after, before)), "erasing 'star' changed no image"
+        assert widget.locator(".sx-er-reading").count() == 2 * 8 + 2  # and the slider's two images
+        widget.screenshot(path=str(ARTIFACTS / "erasing_initial.png"))
 
-            widget = page.locator(".sdlab-erasing").first
-            widget.scroll_into_view_if_needed()
-            page.wait_for_function(
-                "element => Number(element.dataset.drawnVersion || 0) > 0 && Number(element.dataset.sliderDrawn || 0) > 0",
-                arg=widget.element_handle(),
-            )
-            # The notebook's explorer opens on UCE erasing "star": before and after, the judge's reading under each.
-            assert "UCE erased “star”" in widget.locator(".sx-er-erase-label").inner_text()
-            before, after = widget.evaluate(BEFORE_IMAGES), widget.evaluate(AFTER_IMAGES)
-            assert len(before) == len(after) == 8  # four held-out prompts, two seeds
-            assert any(a != b for a, b in zip(after, before)), "erasing 'star' changed no image"
-            assert widget.locator(".sx-er-reading").count() == 2 * 8 + 2  # and the slider's two images
-            widget.screenshot(path=str(ARTIFACTS / "erasing_initial.png"))
+        def act(action, kind: str) -> None:
+            timings[kind].append(_redraw_after(page, widget, action, kind))
 
-            def act(action, kind: str) -> None:
-                before = _redraw_count(widget)
-                action()
-                redraw = _wait_for_redraw(page, widget, before)
-                page.wait_for_function("element => !element.classList.contains('sx-busy')", arg=widget.element_handle())
-                assert redraw["kind"] == kind, f"expected a {kind} redraw, got {redraw}"
-                timings[kind].append(redraw["ms"])
+        # The method buttons: ESD shows its training settings, UCE its preserved concepts; pick UCE.
+        widget.locator("button.sx-er-method[data-method='esd_u']").click()
+        assert widget.locator("input.sx-er-iterations").is_visible()
+        assert not widget.locator("input.sx-er-preserve").is_visible()
+        widget.locator("button.sx-er-method[data-method='uce']").click()
+        assert widget.locator("button.sx-er-method[data-method='uce']").get_attribute("aria-checked") == "true"
+        assert widget.locator("input.sx-er-preserve").is_visible()
 
-            # The method buttons: ESD shows its training settings, UCE its preserved concepts; pick UCE.
-            widget.locator("button.sx-er-method[data-method='esd_u']").click()
-            assert widget.locator("input.sx-er-iterations").is_visible()
-            assert not widget.locator("input.sx-er-preserve").is_visible()
-            widget.locator("button.sx-er-method[data-method='uce']").click()
-            assert widget.locator("button.sx-er-method[data-method='uce']").get_attribute("aria-checked") == "true"
-            assert widget.locator("input.sx-er-preserve").is_visible()
+        # Another concept, Run: erased in the kernel, its own held-out prompts before and after.
+        runs = _pipeline_runs(widget)
+        widget.locator("input.sx-er-concept").fill("circle")
+        act(lambda: widget.locator("button.sx-er-run").click(), "kernel")
+        assert "UCE erased “circle”" in widget.locator(".sx-er-erase-label").inner_text()
+        assert "a red circle" in widget.locator(".sx-er-grid").inner_text()
+        assert _pipeline_runs(widget) > runs
+        circle_after = widget.evaluate(AFTER_IMAGES)
+        assert circle_after != after and any(a != b for a, b in zip(circle_after, widget.evaluate(BEFORE_IMAGES)))
+        widget.screenshot(path=str(ARTIFACTS / "erasing_circle.png"))
+        # Back to "star": from the kernel's cache, no pipeline run, the same images.
+        runs = _pipeline_runs(widget)
+        widget.locator("input.sx-er-concept").fill("star")
+        act(lambda: widget.locator("input.sx-er-concept").press("Enter"), "cache")
+        assert _pipeline_runs(widget) == runs, "a computed erasure ran the model again"
+        assert widget.evaluate(AFTER_IMAGES) == after, "the cached erasure did not bring its images back"
 
-            # Another concept, Run: erased in the kernel, its own held-out prompts before and after.
-            runs = _pipeline_runs(widget)
-            widget.locator("input.sx-er-concept").fill("circle")
-            act(lambda: widget.locator("button.sx-er-run").click(), "kernel")
-            assert "UCE erased “circle”" in widget.locator(".sx-er-erase-label").inner_text()
-            assert "a red circle" in widget.locator(".sx-er-grid").inner_text()
-            assert _pipeline_runs(widget) > runs
-            circle_after = widget.evaluate(AFTER_IMAGES)
-            assert circle_after != after and any(a != b for a, b in zip(circle_after, widget.evaluate(BEFORE_IMAGES)))
-            widget.screenshot(path=str(ARTIFACTS / "erasing_circle.png"))
-            # Back to "star": from the kernel's cache, no pipeline run, the same images.
-            runs = _pipeline_runs(widget)
-            widget.locator("input.sx-er-concept").fill("star")
-            act(lambda: widget.locator("input.sx-er-concept").press("Enter"), "cache")
-            assert _pipeline_runs(widget) == runs, "a computed erasure ran the model again"
-            assert widget.evaluate(AFTER_IMAGES) == after, "the cached erasure did not bring its images back"
+        # The slider: a new scale is computed; one already seen comes from the kernel's cache.
+        scale = widget.locator("input.sx-er-scale")
+        first = widget.evaluate(SLIDER_IMAGE)
+        act(lambda: _set_slider(scale, -4), "kernel")
+        assert widget.evaluate(SLIDER_IMAGE) != first, "scale -4 drew the same image"
+        runs = _pipeline_runs(widget)
+        act(lambda: _set_slider(scale, 2), "cache")
+        assert _pipeline_runs(widget) == runs and widget.evaluate(SLIDER_IMAGE) == first
+        act(lambda: _set_slider(widget.locator("input.sx-er-start"), 5), "kernel")
+        assert "from step 5" in widget.locator(".sx-er-gallery").inner_text()
+        widget.screenshot(path=str(ARTIFACTS / "erasing_slider.png"))
 
-            # The slider: a new scale is computed; one already seen comes from the kernel's cache.
-            scale = widget.locator("input.sx-er-scale")
-            first = widget.evaluate(SLIDER_IMAGE)
-            act(lambda: _set_slider(scale, -4), "kernel")
-            assert widget.evaluate(SLIDER_IMAGE) != first, "scale -4 drew the same image"
-            runs = _pipeline_runs(widget)
-            act(lambda: _set_slider(scale, 2), "cache")
-            assert _pipeline_runs(widget) == runs and widget.evaluate(SLIDER_IMAGE) == first
-            act(lambda: _set_slider(widget.locator("input.sx-er-start"), 5), "kernel")
-            assert "from step 5" in widget.locator(".sx-er-gallery").inner_text()
-            widget.screenshot(path=str(ARTIFACTS / "erasing_slider.png"))
-
-            # An empty concept: lab's message in the message line; the images stay.
-            shown = widget.evaluate(AFTER_IMAGES)
-            widget.locator("input.sx-er-concept").fill("")
-            widget.locator("button.sx-er-run").click()
-            page.wait_for_function(
-                "element => element.querySelector('.sx-message').textContent.includes('empty concept')",
-                arg=widget.element_handle(),
-            )
-            assert widget.locator(".sx-message").inner_text().startswith("UCE failed")
-            assert widget.evaluate(AFTER_IMAGES) == shown
-            widget.screenshot(path=str(ARTIFACTS / "erasing_error.png"))
-        finally:
-            try:
-                page.screenshot(path=str(ARTIFACTS / "erasing_last_page.png"))
-            except Exception:
-                pass
-            (ARTIFACTS / "erasing_console.log").write_text("\n".join(console))
-            context.close()
+        # An empty concept: lab's message in the message line; the images stay.
+        shown = widget.evaluate(AFTER_IMAGES)
+        widget.locator("input.sx-er-concept").fill("")
+        widget.locator("button.sx-er-run").click()
+        assert _message_with(page, widget, "empty concept").startswith("UCE failed")
+        assert widget.evaluate(AFTER_IMAGES) == shown
+        widget.screenshot(path=str(ARTIFACTS / "erasing_error.png"))
     print("\nerasing explorer redraws (ms):", timings)
-    assert requests_out == [], f"the page fetched from outside the local server: {requests_out[:5]}"
+    notebook.check_nothing_fetched_outside()
     assert max(timings["cache"]) < REDRAW_SANITY_BOUND_MS

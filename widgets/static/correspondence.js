@@ -47,7 +47,7 @@ function render({ model, el }) {
       "Click or drag on the source: each target shows the cosine similarity of its pixels' features with the " +
       "point's, and its best match (ringed)."),
     gallery,
-    h("div", { class: "sx-cx-controls" },
+    h("div", { class: "sx-cx-controls sx-ruled" },
       h("fieldset", { class: "sx-cx-features" },
         h("div", { class: "sx-section-title" }, "Features (applied by Recompute)"),
         labelled("Block", blockSelect),
@@ -311,7 +311,7 @@ function render({ model, el }) {
       blocksValue(chosen.blocks) !== blocksValue(shown.blocks || []));
     pendingHint.textContent = !model.get("can_recompute") ? "built from features: pass pipe= to recompute"
       : changed ? "settings changed: Recompute to apply" : "";
-    recomputeButton.classList.toggle("sx-cx-changed", changed);
+    recomputeButton.classList.toggle("sx-changed", changed);
   }
 
   function recompute() {

@@ -53,7 +53,7 @@ function render({ model, el }) {
   const sourcePrompt = h("input", { type: "text", class: "sx-ed-source-prompt", "aria-label": "source prompt" });
 
   // Inversion.
-  const methodButtons = h("div", { class: "sx-ed-methods", role: "radiogroup", "aria-label": "inversion method" });
+  const methodButtons = h("div", { class: "sx-ed-methods sx-segmented", role: "radiogroup", "aria-label": "inversion method" });
   const stepsInput = h("input", { type: "number", class: "sx-ed-steps", min: "1", max: "99", step: "1" });
   const guidanceInput = h("input", { type: "number", class: "sx-ed-guidance", min: "0", step: "0.5" });
 
@@ -82,7 +82,7 @@ function render({ model, el }) {
   const root = widgetRoot("sdlab-editing",
     h("div", { class: "sx-ed-header" }, h("span", { class: "sx-ed-title" }, "Inversion and editing explorer"),
       cachedNote, progressIndicator()),
-    h("fieldset", { class: "sx-ed-choose" },
+    h("fieldset", { class: "sx-ed-choose sx-ruled" },
       h("div", { class: "sx-section-title" }, "Source image and inversion"),
       h("div", { class: "sx-ed-go" }, h("span", {}, "TinyWorld seed"), seedInput, pickButton, h("span", {}, "or"),
         fileInput, sourceNote),
@@ -92,7 +92,7 @@ function render({ model, el }) {
     h("div", { class: "sx-ed-row" }, inversionLabel),
     h("div", { class: "sx-ed-gallery" }, sourceFigure.element, reconstructionFigure.element,
       reconstructionDifference.element),
-    h("fieldset", { class: "sx-ed-editing" },
+    h("fieldset", { class: "sx-ed-editing sx-ruled" },
       h("div", { class: "sx-section-title" }, "Prompt-to-Prompt"),
       labelled("Edited", targetPrompt),
       labelled("Edit", editSelect),
@@ -121,7 +121,7 @@ function render({ model, el }) {
     const info = model.get("method_info") || {};
     if (methodButtons.children.length !== Object.keys(info).length) {
       methodButtons.replaceChildren(...Object.entries(info).map(([method, { label }]) => h("button", {
-        type: "button", class: "sx-ed-method", "data-method": method, role: "radio",
+        type: "button", class: "sx-ed-method sx-segment", "data-method": method, role: "radio",
         onclick: () => { if (!model.get("busy") && method !== model.get("method")) requests.ask({ method }); },
       }, label)));
     }
@@ -276,7 +276,7 @@ function render({ model, el }) {
   function showPending() {
     const changed = Object.entries(chosenSettings()).some(([name, value]) => value !== model.get(name));
     pendingHint.textContent = changed ? "changed: Apply (or Enter) to run" : "";
-    applyButton.classList.toggle("sx-ed-changed", changed);
+    applyButton.classList.toggle("sx-changed", changed);
   }
 
   function apply() {

@@ -23,7 +23,7 @@ function render({ model, el }) {
   const grid = h("div", { class: "sx-er-grid" });
 
   const conceptInput = h("input", { type: "text", class: "sx-er-concept", "aria-label": "concept to erase" });
-  const methodButtons = h("div", { class: "sx-er-methods", role: "radiogroup", "aria-label": "erasing method" });
+  const methodButtons = h("div", { class: "sx-er-methods sx-segmented", role: "radiogroup", "aria-label": "erasing method" });
   const preserveInput = h("input", { type: "text", class: "sx-er-preserve", placeholder: "e.g. circle, square (empty: none)" });
   const guideInput = h("input", { type: "text", class: "sx-er-guide", placeholder: "empty: nothing" });
   const uceRows = h("div", { class: "sx-er-uce" }, labelled("Preserve", preserveInput), labelled("Guide", guideInput));
@@ -68,14 +68,14 @@ function render({ model, el }) {
   const root = widgetRoot("sdlab-erasing",
     h("div", { class: "sx-er-header" }, h("span", { class: "sx-er-title" }, "Erasing and sliders explorer"),
       cachedNote, progressIndicator()),
-    h("fieldset", { class: "sx-er-choose" },
+    h("fieldset", { class: "sx-er-choose sx-ruled" },
       h("div", { class: "sx-section-title" }, "Erase a concept"),
       h("div", { class: "sx-er-go" }, h("span", {}, "Concept"), conceptInput, methodButtons),
       uceRows, esdRow,
       labelled("Prompts", promptsInput),
       h("div", { class: "sx-er-go" }, runButton, pendingHint)),
     eraseLabel, summary, grid,
-    h("fieldset", { class: "sx-er-slider" },
+    h("fieldset", { class: "sx-er-slider sx-ruled" },
       h("div", { class: "sx-section-title" }, "Concept Slider"),
       sliderLabel,
       h("div", { class: "sx-er-go" }, h("span", {}, "positive"), positiveInput, h("span", {}, "negative"),
@@ -97,7 +97,7 @@ function render({ model, el }) {
     const info = model.get("method_info") || {};
     if (methodButtons.children.length !== Object.keys(info).length) {
       methodButtons.replaceChildren(...Object.entries(info).map(([method, { label, changes }]) => h("button", {
-        type: "button", class: "sx-er-method", "data-method": method, role: "radio", title: changes,
+        type: "button", class: "sx-er-method sx-segment", "data-method": method, role: "radio", title: changes,
         onclick: () => { if (!model.get("busy")) { view.save({ method }); showPending(); } },
       }, label)));
     }
@@ -255,7 +255,7 @@ function render({ model, el }) {
     const changed = Object.entries(chosen).some(([name, value]) => JSON.stringify(value) !== JSON.stringify(model.get(name)));
     const notRun = !result || result.startsWith("before");
     pendingHint.textContent = changed ? "changed: Run (or Enter) to erase" : notRun ? "Run to erase" : "";
-    runButton.classList.toggle("sx-er-changed", changed || notRun);
+    runButton.classList.toggle("sx-changed", changed || notRun);
   }
 
   function run() {

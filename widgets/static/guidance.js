@@ -34,7 +34,7 @@ function render({ model, el }) {
 
   // ---------------------------------------------------------------------------------------- layout
   const resultLabel = h("span", { class: "sx-gx-result" });
-  const methodButtons = h("div", { class: "sx-gx-methods", role: "radiogroup", "aria-label": "guidance method" });
+  const methodButtons = h("div", { class: "sx-gx-methods sx-segmented", role: "radiogroup", "aria-label": "guidance method" });
   const scaleName = h("span", { class: "sx-row-name sx-gx-scale-name" });
   const scaleSlider = slider(0, 1, 0.1, 0, "sx-gx-scale");
   const scaleTicks = h("datalist", { id: `sx-gx-ticks-${Math.random().toString(36).slice(2)}` });
@@ -103,14 +103,14 @@ function render({ model, el }) {
       scaleTicks,
       h("div", { class: "sx-gx-go" }, cachedNote, progressIndicator())),
     h("div", { class: "sx-gx-gallery" }, plainFigure.element, guidedFigure.element, differenceFigure.element),
-    h("div", { class: "sx-gx-uses" },
+    h("div", { class: "sx-gx-uses sx-ruled" },
       usesTitle,
       usesText,
       h("div", { class: "sx-gx-step-controls" }, labelled("Step", stepSlider, stepReadout), groupRow),
       panels,
       h("div", { class: "sx-gx-plot-box" }, plotLabel, plot, legend),
       stepNote),
-    h("div", { class: "sx-gx-controls" },
+    h("div", { class: "sx-gx-controls sx-ruled" },
       h("fieldset", { class: "sx-gx-settings" },
         h("div", { class: "sx-section-title" }, "Generation (applied by Apply)"),
         labelled("Prompt", promptInput),
@@ -143,7 +143,7 @@ function render({ model, el }) {
     const methods = Object.keys(model.get("method_info") || {});
     if (methodButtons.children.length !== methods.length) {
       methodButtons.replaceChildren(...methods.map((method) => h("button", {
-        type: "button", class: "sx-gx-method", "data-method": method, role: "radio",
+        type: "button", class: "sx-gx-method sx-segment", "data-method": method, role: "radio",
         onclick: () => chooseMethod(method),
       }, info(method).label)));
     }
@@ -423,7 +423,7 @@ function render({ model, el }) {
     const chosen = chosenSettings();
     const changed = Object.entries(chosen).some(([name, value]) => value !== model.get(name));
     pendingHint.textContent = changed ? "changed: Apply (or Enter) to generate" : "";
-    applyButton.classList.toggle("sx-gx-changed", changed);
+    applyButton.classList.toggle("sx-changed", changed);
   }
 
   function apply() {
