@@ -20,7 +20,9 @@ erase: for a concept c ("star" a shape, "red" a colour)
   pairs      (test) two-object scenes whose first object is c: erased as above, and the other object still
              there (shape and colour)
   Candidates: UCE (λ = 0.5, the paper's) with or without the concept's siblings preserved (the other shapes or
-  colours) and erase_scale 1 or 3; ESD (η = 1, the paper's) at lr 3e-4 and 1e-3 for --iterations iterations.
+  colours) and erase_scale 1 or 3, and "phrased": the concept erased also in the short captions that name it with
+  each colour (a shape) or each shape (a colour), "a red star", with the siblings preserved the same way (UCE edits
+  the one row where the concept alone is encoded; a word that has read other words is another row); ESD (η = 1, the paper's) at lr 3e-4 and 1e-3 for --iterations iterations.
   Chosen: the highest validation erased share among those keeping ≥ 90 % of the unedited accuracy (else the
   best kept), ties by accuracy.
 scaling: UCE with the star's chosen settings, erasing the first k of world.SHAPES (k = 1..6) and preserving the
@@ -83,6 +85,16 @@ def kind_of(concept: str) -> str:
 
 def siblings(concept: str) -> list[str]:
     return [c for c in (SHAPES if kind_of(concept) == "shape" else COLORS) if c != concept]
+
+
+def phrasings(concept: str) -> list[str]:
+    """The concept in short captions: "a red star", "an orange star", ... (a shape) or "a red circle", ... (a colour)."""
+    phrases = (
+        [f"{colour} {concept}" for colour in COLORS]
+        if kind_of(concept) == "shape"
+        else [f"{concept} {s}" for s in SHAPES]
+    )
+    return [("an " if p[0] in "aeiou" else "a ") + p for p in phrases]
 
 
 def prompts_for(concept: str, split: str, n: int) -> dict[str, list[tuple[str, int]]]:
@@ -195,15 +207,20 @@ def candidates(method: str, concept: str, iterations: int) -> list[dict]:
             {"preserve": preserve, "erase_scale": scale, "lam": 0.5}
             for preserve in (None, "siblings")
             for scale in (1.0, 3.0)
-        ]
+        ] + [{"preserve": "siblings", "erase_scale": 1.0, "lam": 0.5, "phrased": True}]
     return [{"lr": lr, "iterations": iterations, "eta": 1.0} for lr in (3e-4, 1e-3)]
 
 
 def make_edit(pipe, method: str, concept: str, settings: dict):
     started, load = time.perf_counter(), os.getloadavg()[0]
     if method == "uce":
-        preserve = siblings(concept) if settings["preserve"] == "siblings" else None
-        edit = lab.uce.erase(pipe, concept, preserve=preserve, lam=settings["lam"], erase_scale=settings["erase_scale"])
+        erase = [concept] + (phrasings(concept) if settings.get("phrased") else [])
+        preserve = None
+        if settings["preserve"] == "siblings":
+            preserve = siblings(concept) + [p for c in siblings(concept) for p in phrasings(c)] * bool(
+                settings.get("phrased")
+            )
+        edit = lab.uce.erase(pipe, erase, preserve=preserve, lam=settings["lam"], erase_scale=settings["erase_scale"])
     else:
         edit = lab.esd.erase(pipe, concept, method=method.removeprefix("esd-"), lr=settings["lr"],
                              iterations=settings["iterations"], eta=settings["eta"])  # fmt: skip
@@ -220,7 +237,7 @@ def run_erase(args) -> None:
     pipe = lab.load_pipeline()
     pipe.set_progress_bar_config(disable=True)
     for concept in args.concepts:  # one results file per concept, so concepts can run in parallel processes
-        out_file = RESULTS / f"erasing_{concept}.json"
+        out_file = RESULTS / f"erasing_{concept}{'_' + args.tag if args.tag else ''}.json"
         data = json.loads(out_file.read_text()) if out_file.exists() and args.resume else {"runs": {}}
         data.update({"machine": machine(), "steps": STEPS, "guidance": GUIDANCE, "keep_target": KEEP_TARGET})
         sets = {s: prompts_for(concept, s, args.n[s]) for s in ("validation", "test")}
@@ -230,9 +247,16 @@ def run_erase(args) -> None:
         for method in args.methods:
             rows = data["runs"].get(method, {}).get("candidates", [])
             done = [r["settings"] for r in rows]
-            for settings in candidates(method, concept, args.iterations):
-                if settings in done:
-                    continue
+            main_file = RESULTS / f"erasing_{concept}.json"
+            if args.tag and main_file.exists():  # a parallel run: only what the main run does not have
+                done += [
+                    r["settings"]
+                    for r in json.loads(main_file.read_text())["runs"].get(method, {}).get("candidates", [])
+                ]
+            todo = [c for c in candidates(method, concept, args.iterations) if c not in done]
+            if not todo:
+                continue
+            for settings in todo:
                 edit, timing = make_edit(pipe, method, concept, settings)
                 with edit:
                     row = {"settings": settings, "timing": timing}
@@ -247,11 +271,27 @@ def run_erase(args) -> None:
     report()
 
 
+def merged(concept: str) -> dict:
+    """erasing_<concept>.json with the candidates of every erasing_<concept>_<tag>.json (runs made in parallel
+    processes) added, and each method's choice made again over all of them."""
+    data = json.loads((RESULTS / f"erasing_{concept}.json").read_text())
+    for extra in sorted(RESULTS.glob(f"erasing_{concept}_*.json")):
+        for method, run in json.loads(extra.read_text())["runs"].items():
+            if method != "unedited":
+                mine = data["runs"].setdefault(method, {"candidates": []})["candidates"]
+                mine += [r for r in run["candidates"] if r["settings"] not in [m["settings"] for m in mine]]
+    for method, run in data["runs"].items():
+        if method != "unedited":
+            run["chosen"] = choose(run["candidates"])["settings"]
+    return data
+
+
 def report() -> None:
-    """erasing.md from every erasing_<concept>.json there is."""
-    files = sorted(RESULTS.glob("erasing_*.json"))
-    data = {f.stem.removeprefix("erasing_"): json.loads(f.read_text()) for f in files}
-    data = {c: d for c, d in data.items() if c in SHAPES or c in COLORS}
+    """erasing.md (and erasing_chosen.json) from every erasing_<concept>[_<tag>].json there is."""
+    concepts = sorted({f.stem.split("_")[1] for f in RESULTS.glob("erasing_*.json")} & set(SHAPES + tuple(COLORS)))
+    data = {c: merged(c) for c in concepts}
+    chosen = {c: {m: r["chosen"] for m, r in d["runs"].items() if m != "unedited"} for c, d in data.items()}
+    (RESULTS / "erasing_chosen.json").write_text(json.dumps(chosen, indent=1) + "\n")
     lines = erase_markdown(data)
     (RESULTS / "erasing.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -310,7 +350,7 @@ def erase_markdown(data: dict) -> list[str]:
 
 
 def run_scaling(args) -> None:
-    chosen = json.loads((RESULTS / "erasing_star.json").read_text())["runs"]["uce"]["chosen"]
+    chosen = merged("star")["runs"]["uce"]["chosen"]
     pipe = lab.load_pipeline()
     pipe.set_progress_bar_config(disable=True)
     per_shape = {s: prompts_for(s, "test", args.per_shape)["named"] for s in SHAPES}
@@ -650,6 +690,7 @@ def main(argv=None) -> None:
         help="which sliders to train: name:plus (scale +1, the reference) or name:sym (+1 and -1)",
     )
     p.add_argument("--resume", action="store_true", help="keep the candidates already in the results file")
+    p.add_argument("--tag", default="", help="erase: write erasing_<concept>_<tag>.json (a parallel run; merged)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     args.n = {"validation": args.validation, "test": args.test}
