@@ -26,7 +26,9 @@ proportions equal, tolerance 0.05, at most 30 rounds, 10 images per concept and 
     (its --step_size is parsed but never used); here the same rule is written as α += step · (desired − measured)
     with step = 1 by default.
   - the reference's CLIP classifier always picks one of the attributes; here the classifier may answer None
-    (neither), and such images count in each proportion's denominator.
+    (neither: e.g. the object is not drawn), and the proportions are taken among the images it classified, so they
+    still sum to 1 and the α of the attributes move against each other as in the reference. (Counting None in the
+    denominator made every gap positive whenever the concept faded, and α grew until it was gone.)
   - each round uses the same seeds (seed, seed + 1, ...), so rounds differ only by the edit, not by the noise.
   - c_i is the concept's last content token, as in lab.uce (the reference takes the same row).
 """
@@ -157,8 +159,9 @@ def _proportions(pipe, concept, attributes, classify, images, seed, pipe_kwargs)
         raise ValueError(f"classify returned {wrong[0]!r}, which is not one of {attributes} (or None)")
     if all(label is None for label in labels):
         warnings.warn(
-            f"classify answered None for all {len(labels)} images of {concept!r}: every proportion reads 0. It gets "
+            f"classify answered None for all {len(labels)} images of {concept!r}: no proportion can be read. It gets "
             f"what the pipeline returns ({type(out[0]).__name__}; output_type='np' gives floats in [0, 1])",
             stacklevel=3,
         )
-    return [labels.count(a) / len(labels) for a in attributes]
+    read = sum(label is not None for label in labels)  # the proportions among the images classified, as CLIP's
+    return [labels.count(a) / max(read, 1) for a in attributes]
