@@ -600,6 +600,9 @@ def run_sliders(args) -> None:
         out_file.write_text(json.dumps(data, indent=1) + "\n")
     chosen = {n: next(r for r in data["sliders"][n]["candidates"] if r["settings"] == data["sliders"][n]["chosen"])
               for n in SLIDERS}  # fmt: skip
+    for n, row in chosen.items():  # the training's time, from whichever row of the same slider recorded it
+        same = [r["timing"] for r in data["sliders"][n]["candidates"] if r.get("folder") == row.get("folder")]
+        row["timing"] = next((t for t in same if t), row["timing"])
     grid = [(a, b) for a in (-2.0, 0.0, 2.0) for b in (-2.0, 0.0, 2.0)]
     both = [chosen["size"]["folder"], chosen["texture"]["folder"]]
     starts = {chosen[n]["settings"]["start_noise"] for n in SLIDERS}
