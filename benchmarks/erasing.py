@@ -541,7 +541,7 @@ def series_scores(series, scales, key: str, zero_index: int) -> dict:
 def trained_slider(pipe, folder: Path, name: str, eta: float, symmetric: bool, iterations: int) -> tuple[Path, dict]:
     """The slider's folder, trained now unless a finished one with these settings is there (a rerun reuses it)."""
     positive, negative = SLIDERS[name]
-    path = folder / f"{name}_eta{eta:g}_{'sym' if symmetric else 'plus'}"
+    path = folder / f"{name}_eta{eta:g}_{'sym' if symmetric else 'plus'}_it{iterations}"
     if (path / "slider.json").exists():
         done = json.loads((path / "slider.json").read_text())
         if (done["settings"]["iterations"], done["settings"]["symmetric"]) == (iterations, symmetric):
@@ -630,8 +630,8 @@ def sliders_markdown(data: dict, chosen: dict) -> list[str]:
     lines = [
         "# Concept Sliders on TinyWorld (test split; settings chosen on validation)",
         "",
-        f"Written by benchmarks/erasing.py sliders, {data['machine']['date']}, {data['iterations']} iterations per "
-        "slider (the reference trains 1000), rank 4, alpha 1, η 4. Spearman: per prompt and seed, the "
+        f"Written by benchmarks/erasing.py sliders, {data['machine']['date']}; iterations per slider in the settings "
+        "(the reference trains 1000), rank 4, alpha 1, η 4. Spearman: per prompt and seed, the "
         "judge's score against the scale −2..2 (target mean ≥ 0.9); kept: shape and colour read as at scale 0 "
         "(target ≥ 90 %).",
         "",
