@@ -497,7 +497,8 @@ def slider_prompts(split: str, n: int, striped_half: bool = False) -> list[tuple
 def object_reading(prompt: str, image: np.ndarray) -> dict | None:
     """The detection of the prompt's object (its shape), with size and stripe score; None when not found."""
     want = prompt.split()[-1]
-    found = [d for d in read_image(image).objects if d.shape == want] or read_image(image).objects
+    objects = read_image(image).objects
+    found = [d for d in objects if d.shape == want] or objects
     if not found:
         return None
     d = max(found, key=lambda d: d.mask.sum())

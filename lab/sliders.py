@@ -63,7 +63,7 @@ from safetensors.torch import load_file, save_file
 from lab import concept_training, diffusion
 from lab.weights import LoraAdapter, LoraWeights
 
-__all__ = ["train", "apply", "Slider", "target_modules"]
+__all__ = ["train", "apply", "Slider", "target_modules", "check_fits"]
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes and loads
 _C3LIER_CLASSES = ("ResnetBlock2D", "Downsample2D", "Upsample2D", "DownBlock2D", "UpBlock2D")
@@ -247,8 +247,14 @@ def _weights_file(source: Path) -> Path:
     return file
 
 
+def check_fits(pipe, slider) -> None:
+    """Raise a ValueError, loading nothing, if `slider` (a Slider, folder or .safetensors file) was trained on
+    another architecture: a LoRA layer this pipeline's UNet does not have, or has with other sizes."""
+    tensors = slider.tensors if isinstance(slider, Slider) else load_file(str(_weights_file(Path(slider))))
+    _check_fits(pipe.unet, tensors, repr(slider) if isinstance(slider, Slider) else slider)
+
+
 def _check_fits(unet, tensors: dict, source) -> None:
-    """Refuse, before anything is loaded, a LoRA whose layers this UNet does not have (another architecture)."""
     problems = []
     for key, tensor in tensors.items():
         match = re.fullmatch(r"unet\.(.+)\.lora(?:_A|_B|\.down|\.up)\.weight", key)
@@ -270,6 +276,18 @@ def _check_fits(unet, tensors: dict, source) -> None:
             f"the slider {source} does not fit this UNet (trained on another architecture?); nothing was "
             f"loaded. {len(problems)} layers differ, e.g.:\n  " + "\n  ".join(problems[:5])
         )
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def _free_name(pipe, taken: list[str]) -> str:
@@ -324,7 +342,9 @@ class apply:
                     name = _free_name(pipe, self.names)
                     kwargs = {"weight_name": source.name} if source.is_file() else {}
                     folder = source.parent if source.is_file() else source
-                    self._stack.enter_context(LoraWeights(pipe, str(folder), adapter_name=name, **kwargs))
+                    with _quiet_diffusers():  # a UNet-only LoRA: diffusers warns the text encoder has no keys
+                        lora = LoraWeights(pipe, str(folder), adapter_name=name, **kwargs)  # loads it
+                    self._stack.enter_context(lora)
                     self.names.append(name)
             self._switch(start_step is None and start_noise is None or start_step == 0)
             if start_step or start_noise is not None:

@@ -63,7 +63,6 @@ measured_seeds = 6  # images per held-out prompt (seeds 0, 1, ...)
 # %%
 import time
 
-import diffusers
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -76,7 +75,6 @@ from widgets.erasing import concept_seen, default_preserve, held_out_prompts, re
 
 pipe = lab.load_pipeline(model, device=device)
 pipe.set_progress_bar_config(disable=True)
-diffusers.utils.logging.set_verbosity_error()  # loading a UNet-only LoRA warns, every time, that CLIP has none
 FULL_ITERATIONS = 100
 if esd_iterations < FULL_ITERATIONS or slider_iterations < FULL_ITERATIONS:
     display(

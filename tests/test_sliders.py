@@ -118,6 +118,10 @@ def test_bad_input_is_refused_and_changes_nothing(sd1, sdxl, slider, tmp_path):
             lab.sliders.apply(pipe, [tmp_path], scales=[1.0])
         assert differences(pipe, before) == [] and not hasattr(pipe.unet, "peft_config")
     before = state(sdxl)
+    lab.sliders.check_fits(sd1, folder)  # its own architecture: no error
+    for check in (lambda: lab.sliders.check_fits(sdxl, folder), lambda: lab.sliders.check_fits(sdxl, slider)):
+        with pytest.raises(ValueError, match="does not fit this UNet"):
+            check()
     with pytest.raises(ValueError, match="does not fit this UNet"):
         lab.sliders.apply(sdxl, [folder], scales=[1.0])
     assert differences(sdxl, before) == [] and not hasattr(sdxl.unet, "peft_config")

@@ -53,7 +53,6 @@ from widgets.erasing_parts import (
     comma_list,
     concept_seen,
     default_preserve,
-    diffusers_warnings_off,
     held_out_prompts,
     names_concept,
     reading_text,
@@ -284,8 +283,7 @@ class ErasingExplorer(LabWidget):
             if not isinstance(slider, lab.sliders.Slider):
                 path = Path(slider)
                 slider = lab.sliders.Slider.load(path.parent if path.is_file() else path)
-            with diffusers_warnings_off(), lab.sliders.apply(self.pipe, [slider], scales=[1.0]):
-                pass  # lab refuses, before loading anything, a slider trained on another architecture
+            lab.sliders.check_fits(self.pipe, slider)  # another architecture: lab's message, nothing loaded
         except Exception as error:
             self.show_error(error, "loading the slider failed")
             return
@@ -625,10 +623,7 @@ class ErasingExplorer(LabWidget):
                         continue
                     _, scale, start = k.slider
                     work.text = f"scale {scale:g}"
-                    with (
-                        diffusers_warnings_off(),
-                        lab.sliders.apply(self.pipe, [self.slider], scales=[scale], start_step=start),
-                    ):
+                    with lab.sliders.apply(self.pipe, [self.slider], scales=[scale], start_step=start):
                         self._generate(k, work)
         except Exception as error:
             self._failure = (key, self.message or f"slider failed: {type(error).__name__}: {error}")

@@ -4,7 +4,6 @@ iterations and denoising steps, and an erasure's weights written back into a pip
 
 from __future__ import annotations
 
-import contextlib
 import re
 from dataclasses import dataclass
 
@@ -170,17 +169,3 @@ def apply_tensors(pipe, tensors: dict[str, torch.Tensor]):
 
 def as_array(image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
-@contextlib.contextmanager
-def diffusers_warnings_off():
-    """diffusers' warnings off for the block, then its verbosity as it was: loading a UNet-only LoRA warns on every
-    load that the text encoder has no LoRA keys, which would print under the widget at every slider move."""
-    from diffusers.utils import logging
-
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(level)
